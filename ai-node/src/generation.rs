@@ -1,0 +1,123 @@
+//! One answer, from engine to Redis: numbers the pieces, stamps and emits
+//! them, and always ends the request with `done` or `error`, so no reader
+//! waits on silence that the node could have broken.
+
+use crate::engine::{Engine, EngineError, Prompt};
+use crate::store::{EventStore, Turn};
+use chat_wire::{now_micros, Event};
+use futures::StreamExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Most text kept of one answer for the session's history.
+const MAX_REMEMBERED_BYTES: usize = 64 * 1024;
+/// Tries of one emit before the stream is given up as unpublishable.
+const EMIT_ATTEMPTS: u32 = 3;
+
+/// A request accepted by the node.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub request_id: String,
+    pub session_id: String,
+    pub message: String,
+}
+
+/// What the generation task needs from the node.
+pub struct Generator {
+    pub node_id: String,
+    pub store: Arc<dyn EventStore>,
+    pub engine: Arc<dyn Engine>,
+}
+
+/// How an answer ended, for logs and tests.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Done { chunks: u64 },
+    Failed { code: String },
+    /// Redis would not take the events: nobody could be told.
+    Unpublished,
+}
+
+impl Generator {
+    /// Generates the answer to `job`; `cancel` ends it early with an `error` event (shutdown).
+    pub async fn run(&self, job: Job, cancel: CancellationToken) -> Outcome {
+        let history = match self.store.history(&job.session_id).await {
+            Ok(h) => h,
+            Err(e) => {
+                log::warn!("request_id={} history unavailable, answering without it: {e}", job.request_id);
+                Vec::new()
+            }
+        };
+        let prompt = Prompt { message: job.message.clone(), history };
+        let mut seq = 0u64;
+        let mut answer = String::new();
+        let ending = match self.engine.generate(prompt).await {
+            Err(e) => Event::error(&job.request_id, 1, failure_code(&e), e.to_string()),
+            Ok(mut pieces) => {
+                let idle = self.engine.idle_timeout();
+                loop {
+                    let next = tokio::select! {
+                        _ = cancel.cancelled() => break Event::error(&job.request_id, seq + 1, "node_shutdown", "the AI node shut down before the answer finished"),
+                        next = tokio::time::timeout(idle, pieces.next()) => next,
+                    };
+                    match next {
+                        Err(_) => break Event::error(&job.request_id, seq + 1, "engine_timeout", format!("the engine sent nothing for {idle:?}")),
+                        Ok(None) => break Event::done(&job.request_id, seq + 1, "stop"),
+                        Ok(Some(Err(e))) => break Event::error(&job.request_id, seq + 1, failure_code(&e), e.to_string()),
+                        Ok(Some(Ok(delta))) => {
+                            seq += 1;
+                            if answer.len() < MAX_REMEMBERED_BYTES {
+                                answer.push_str(&delta);
+                            }
+                            if !self.emit(&job, Event::chunk(&job.request_id, seq, delta)).await {
+                                return Outcome::Unpublished;
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let outcome = match &ending.code {
+            None => Outcome::Done { chunks: seq },
+            Some(code) => Outcome::Failed { code: code.clone() },
+        };
+        if !self.emit(&job, ending).await {
+            return Outcome::Unpublished;
+        }
+        if let Outcome::Done { .. } = outcome {
+            let turns = [
+                Turn { role: "user".into(), content: job.message },
+                Turn { role: "assistant".into(), content: answer },
+            ];
+            if let Err(e) = self.store.remember(&job.session_id, &turns).await {
+                log::warn!("request_id={} history not saved: {e}", job.request_id);
+            }
+        }
+        outcome
+    }
+
+    /// Stamps and emits one event, retrying briefly; false when Redis would not take it.
+    async fn emit(&self, job: &Job, mut event: Event) -> bool {
+        event.node = Some(self.node_id.clone());
+        for attempt in 1..=EMIT_ATTEMPTS {
+            event.ts_us = Some(now_micros());
+            match self.store.emit(&job.session_id, &event).await {
+                Ok(()) => return true,
+                Err(e) if attempt < EMIT_ATTEMPTS => {
+                    log::warn!("request_id={} seq={} emit failed (attempt {attempt}), retrying: {e}", job.request_id, event.seq);
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                }
+                Err(e) => log::error!("request_id={} seq={} emit failed, stream abandoned: {e}", job.request_id, event.seq),
+            }
+        }
+        false
+    }
+}
+
+fn failure_code(e: &EngineError) -> &'static str {
+    match e {
+        EngineError::Refused(_) => "engine_refused",
+        EngineError::Failed(_) => "engine_failed",
+    }
+}

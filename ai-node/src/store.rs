@@ -1,0 +1,204 @@
+//! Where a node's output goes: the `EventStore` interface and its Redis
+//! implementation.
+//!
+//! Every event is appended to the request's stream and then published on the
+//! session's channel, in one `MULTI`/`EXEC`, so storage is never behind
+//! pub/sub: a reader that replays the stream after seeing a live event finds
+//! that event there. The interface exists so the one-command cluster can run
+//! on an in-process store where no Redis exists.
+
+use async_trait::async_trait;
+use chat_wire::{keys, Event};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::OnceCell;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("redis is unreachable: {0}")]
+    Unreachable(String),
+    #[error("redis timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("redis answered with an error: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// One turn of a conversation, as kept in the session's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Turn {
+    /// `user` or `assistant`, as in OpenAI's message roles.
+    pub role: String,
+    pub content: String,
+}
+
+/// The outcome of claiming a request id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This node now owns the request and must generate it.
+    Won,
+    /// The request was already claimed (by the named node): it is a repeat.
+    Taken(String),
+}
+
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Claims `request_id` for `node_id`, so a repeated request id does not start a second generation.
+    async fn claim(&self, request_id: &str, node_id: &str) -> Result<Claim, StoreError>;
+    /// Appends `event` to its request's stream, then publishes it on the session's channel.
+    async fn emit(&self, session_id: &str, event: &Event) -> Result<(), StoreError>;
+    /// The session's recent turns, oldest first.
+    async fn history(&self, session_id: &str) -> Result<Vec<Turn>, StoreError>;
+    /// Appends turns to the session's history, keeping it bounded.
+    async fn remember(&self, session_id: &str, turns: &[Turn]) -> Result<(), StoreError>;
+    /// Whether the store answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Limits and lifetimes of what the store keeps.
+#[derive(Debug, Clone)]
+pub struct Retention {
+    /// Approximate cap of a request's stream (`XADD MAXLEN ~`).
+    pub stream_max_len: usize,
+    /// Lifetime of a stream and a claim, renewed by each event.
+    pub stream_ttl: Duration,
+    pub history_max_turns: usize,
+    pub history_ttl: Duration,
+}
+
+/// The Redis store. The connection is made on first use and then kept (and
+/// re-made after a drop) by redis-rs's `ConnectionManager`, so a node that
+/// starts before Redis comes up serves as soon as Redis answers.
+pub struct RedisStore {
+    client: redis::Client,
+    conn: OnceCell<ConnectionManager>,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+    retention: Retention,
+}
+
+impl RedisStore {
+    pub fn new(url: &str, connect_timeout: Duration, command_timeout: Duration, retention: Retention) -> Result<Self, StoreError> {
+        Ok(RedisStore {
+            client: redis::Client::open(url)?,
+            conn: OnceCell::new(),
+            connect_timeout,
+            command_timeout,
+            retention,
+        })
+    }
+
+    async fn conn(&self) -> Result<ConnectionManager, StoreError> {
+        let manager = self
+            .conn
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.connect_timeout))
+                    .set_response_timeout(Some(self.command_timeout))
+                    .set_number_of_retries(2)
+                    .set_max_delay(Duration::from_millis(500));
+                match tokio::time::timeout(self.connect_timeout * 2, self.client.get_connection_manager_with_config(config)).await {
+                    Ok(Ok(m)) => Ok(m),
+                    Ok(Err(e)) => Err(StoreError::Unreachable(e.to_string())),
+                    Err(_) => Err(StoreError::Timeout(self.connect_timeout * 2)),
+                }
+            })
+            .await?;
+        Ok(manager.clone())
+    }
+
+    /// Runs one command or pipeline with the command timeout, whatever redis-rs does.
+    async fn run<T: redis::FromRedisValue>(&self, cmd: impl FnOnce(&mut redis::Pipeline)) -> Result<T, StoreError> {
+        let mut conn = self.conn().await?;
+        let mut pipe = redis::pipe();
+        cmd(&mut pipe);
+        match tokio::time::timeout(self.command_timeout, pipe.query_async::<T>(&mut conn)).await {
+            Ok(result) => result.map_err(classify),
+            Err(_) => Err(StoreError::Timeout(self.command_timeout)),
+        }
+    }
+}
+
+fn classify(e: redis::RedisError) -> StoreError {
+    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
+        StoreError::Unreachable(e.to_string())
+    } else {
+        StoreError::Redis(e)
+    }
+}
+
+#[async_trait]
+impl EventStore for RedisStore {
+    async fn claim(&self, request_id: &str, node_id: &str) -> Result<Claim, StoreError> {
+        let key = keys::request_claim(request_id);
+        let ttl = self.retention.stream_ttl.as_secs();
+        // SET NX GET: one round trip that either claims or tells who holds it.
+        let (previous,): (Option<String>,) = self
+            .run(|p| {
+                p.cmd("SET").arg(&key).arg(node_id).arg("NX").arg("GET").arg("EX").arg(ttl);
+            })
+            .await?;
+        Ok(match previous {
+            None => Claim::Won,
+            Some(holder) => Claim::Taken(holder),
+        })
+    }
+
+    async fn emit(&self, session_id: &str, event: &Event) -> Result<(), StoreError> {
+        let stream = keys::request_stream(&event.request_id);
+        let claim = keys::request_claim(&event.request_id);
+        let channel = keys::session_channel(session_id);
+        let json = event.to_json();
+        let ttl = self.retention.stream_ttl.as_secs() as i64;
+        let max_len = self.retention.stream_max_len;
+        let seq = event.seq;
+        let () = self
+            .run(|p| {
+                p.atomic()
+                    .cmd("XADD").arg(&stream).arg("MAXLEN").arg("~").arg(max_len).arg("*")
+                    .arg("seq").arg(seq).arg("event").arg(&json).ignore()
+                    .expire(&stream, ttl).ignore()
+                    .expire(&claim, ttl).ignore()
+                    .publish(&channel, &json).ignore();
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn history(&self, session_id: &str) -> Result<Vec<Turn>, StoreError> {
+        let key = keys::session_history(session_id);
+        let (items,): (Vec<String>,) = self
+            .run(|p| {
+                p.lrange(&key, 0, -1);
+            })
+            .await?;
+        // A turn that does not parse was written by something else: skip it rather than fail the chat.
+        Ok(items.iter().filter_map(|s| serde_json::from_str(s).ok()).collect())
+    }
+
+    async fn remember(&self, session_id: &str, turns: &[Turn]) -> Result<(), StoreError> {
+        if turns.is_empty() || self.retention.history_max_turns == 0 {
+            return Ok(());
+        }
+        let key = keys::session_history(session_id);
+        let items: Vec<String> = turns.iter().map(|t| serde_json::to_string(t).expect("a turn serializes")).collect();
+        let keep = self.retention.history_max_turns as isize;
+        let ttl = self.retention.history_ttl.as_secs() as i64;
+        let () = self
+            .run(|p| {
+                p.atomic().rpush(&key, items).ignore().ltrim(&key, -keep, -1).ignore().expire(&key, ttl).ignore();
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let (_pong,): (String,) = self
+            .run(|p| {
+                p.cmd("PING");
+            })
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,25 @@
+//! Redis names. Every key and channel the cluster uses is built here, so the
+//! layout documented in the README has one source.
+//!
+//! The session id is validated (see `ids`) before it is put in a name, so no
+//! glob characters (`*?[]`) ever reach a channel name.
+
+/// Pub/sub channel carrying every event of every request of one session.
+pub fn session_channel(session_id: &str) -> String {
+    format!("chat:session:{session_id}:events")
+}
+
+/// Stream holding every event of one request, for replay and resume.
+pub fn request_stream(request_id: &str) -> String {
+    format!("chat:req:{request_id}:events")
+}
+
+/// Claim of a request by a node: makes a repeated request id one request.
+pub fn request_claim(request_id: &str) -> String {
+    format!("chat:req:{request_id}:claim")
+}
+
+/// Bounded list of the conversation turns of one session.
+pub fn session_history(session_id: &str) -> String {
+    format!("chat:session:{session_id}:history")
+}

@@ -1,0 +1,13 @@
+//! The wire shared by the backend and the AI nodes.
+//!
+//! Three things live here because both sides must agree on them exactly:
+//! the stream events (`events`), the Redis key and channel names (`keys`), and
+//! the rules for ids and messages that both sides validate (`ids`). Nothing
+//! here does I/O.
+
+pub mod events;
+pub mod ids;
+pub mod keys;
+
+pub use events::{now_micros, Event, EventKind};
+pub use ids::{new_request_id, validate_id, validate_message, InvalidInput, MAX_ID_LEN, MAX_MESSAGE_CHARS};
