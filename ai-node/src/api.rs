@@ -57,7 +57,9 @@ impl From<JsonRejection> for ApiError {
         let message = rejection.body_text();
         match rejection.status() {
             StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", message),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", message)
+            }
             _ => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message),
         }
     }
@@ -74,7 +76,10 @@ pub struct ChatRequest {
     pub request_id: Option<String>,
 }
 
-async fn chat(State(node): State<Arc<Node>>, payload: Result<Json<ChatRequest>, JsonRejection>) -> Result<Response, ApiError> {
+async fn chat(
+    State(node): State<Arc<Node>>,
+    payload: Result<Json<ChatRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
     let Json(req) = payload?;
     let invalid = |e: chat_wire::InvalidInput| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string());
     chat_wire::validate_id("session_id", &req.session_id).map_err(invalid)?;
@@ -94,9 +99,16 @@ async fn chat(State(node): State<Arc<Node>>, payload: Result<Json<ChatRequest>, 
     }
     // Every refusal happens before the claim, so the caller can retry the same id elsewhere.
     let permit = node.permits.clone().try_acquire_owned().map_err(|_| {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", format!("this AI node is at its limit of {} streams", node.config.max_concurrent_streams))
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            format!("this AI node is at its limit of {} streams", node.config.max_concurrent_streams),
+        )
     })?;
-    node.generator.engine.admit().map_err(|e: EngineError| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "engine_refused", e.to_string()))?;
+    node.generator
+        .engine
+        .admit()
+        .map_err(|e: EngineError| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "engine_refused", e.to_string()))?;
     let claim = node.generator.store.claim(&request_id, &node.config.node_id).await.map_err(|e| {
         log::warn!("request_id={request_id} claim failed: {e}");
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the event store is unreachable")
@@ -145,6 +157,10 @@ async fn access_log(request: Request, next: Next) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let response = next.run(request).await;
-    log::info!("method={method} path={path} status={} duration_ms={:.1}", response.status().as_u16(), started.elapsed().as_secs_f64() * 1000.0);
+    log::info!(
+        "method={method} path={path} status={} duration_ms={:.1}",
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64() * 1000.0
+    );
     response
 }

@@ -122,25 +122,63 @@ pub struct OpenAiFile {
     pub system_prompt: Option<String>,
 }
 
-fn default_listen_addr() -> String { "0.0.0.0:8000".into() }
-fn default_node_id() -> String { "ai-1".into() }
-fn default_shutdown_grace_ms() -> u64 { 10_000 }
-fn default_redis_url() -> String { "redis://127.0.0.1:6379".into() }
-fn default_redis_timeout_ms() -> u64 { 2_000 }
-fn default_max_concurrent_streams() -> usize { 256 }
-fn default_max_body_bytes() -> usize { 256 * 1024 }
-fn default_stream_max_len() -> usize { 10_000 }
-fn default_stream_ttl_secs() -> u64 { 600 }
-fn default_history_max_turns() -> usize { 20 }
-fn default_history_ttl_secs() -> u64 { 86_400 }
-fn default_engine_kind() -> String { "synthetic".into() }
-fn default_first_token_ms() -> u64 { 50 }
-fn default_tokens_per_second() -> f64 { 50.0 }
-fn default_answer_tokens() -> usize { 40 }
-fn default_openai_base_url() -> String { "http://127.0.0.1:11434/v1".into() }
-fn default_openai_model() -> String { "llama3.2".into() }
-fn default_openai_connect_timeout_ms() -> u64 { 5_000 }
-fn default_openai_idle_timeout_ms() -> u64 { 60_000 }
+fn default_listen_addr() -> String {
+    "0.0.0.0:8000".into()
+}
+fn default_node_id() -> String {
+    "ai-1".into()
+}
+fn default_shutdown_grace_ms() -> u64 {
+    10_000
+}
+fn default_redis_url() -> String {
+    "redis://127.0.0.1:6379".into()
+}
+fn default_redis_timeout_ms() -> u64 {
+    2_000
+}
+fn default_max_concurrent_streams() -> usize {
+    256
+}
+fn default_max_body_bytes() -> usize {
+    256 * 1024
+}
+fn default_stream_max_len() -> usize {
+    10_000
+}
+fn default_stream_ttl_secs() -> u64 {
+    600
+}
+fn default_history_max_turns() -> usize {
+    20
+}
+fn default_history_ttl_secs() -> u64 {
+    86_400
+}
+fn default_engine_kind() -> String {
+    "synthetic".into()
+}
+fn default_first_token_ms() -> u64 {
+    50
+}
+fn default_tokens_per_second() -> f64 {
+    50.0
+}
+fn default_answer_tokens() -> usize {
+    40
+}
+fn default_openai_base_url() -> String {
+    "http://127.0.0.1:11434/v1".into()
+}
+fn default_openai_model() -> String {
+    "llama3.2".into()
+}
+fn default_openai_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_openai_idle_timeout_ms() -> u64 {
+    60_000
+}
 
 macro_rules! default_from_serde {
     ($($t:ty),*) => {$(
@@ -208,9 +246,8 @@ pub struct OpenAiConfig {
 }
 
 /// Environment variables that override the file.
-pub const ENV_OVERRIDES: &[&str] = &[
-    "LISTEN_ADDR", "REDIS_URL", "NODE_ID", "ENGINE", "OPENAI_BASE_URL", "OPENAI_MODEL", "OPENAI_API_KEY",
-];
+pub const ENV_OVERRIDES: &[&str] =
+    &["LISTEN_ADDR", "REDIS_URL", "NODE_ID", "ENGINE", "OPENAI_BASE_URL", "OPENAI_MODEL", "OPENAI_API_KEY"];
 
 /// Reads `path` (or the defaults when `None`), applies the environment and checks the result.
 /// The error lists every problem, one a line.
@@ -254,10 +291,16 @@ fn check(f: FileConfig, source: String) -> Result<Config, String> {
     if let Err(e) = chat_wire::validate_id("server.node_id", &f.server.node_id) {
         bad("server.node_id", e.reason);
     }
-    if !(f.redis.url.starts_with("redis://") || f.redis.url.starts_with("rediss://") || f.redis.url.starts_with("unix://")) {
+    if !(f.redis.url.starts_with("redis://")
+        || f.redis.url.starts_with("rediss://")
+        || f.redis.url.starts_with("unix://"))
+    {
         bad("redis.url", format!("{:?} must start with redis://, rediss:// or unix://", f.redis.url));
     }
-    for (key, v) in [("redis.connect_timeout_ms", f.redis.connect_timeout_ms), ("redis.command_timeout_ms", f.redis.command_timeout_ms)] {
+    for (key, v) in [
+        ("redis.connect_timeout_ms", f.redis.connect_timeout_ms),
+        ("redis.command_timeout_ms", f.redis.command_timeout_ms),
+    ] {
         if v == 0 {
             bad(key, "must be above 0".into());
         }
@@ -272,7 +315,10 @@ fn check(f: FileConfig, source: String) -> Result<Config, String> {
         bad("stream.max_len", format!("{} is below the minimum of 16", f.stream.max_len));
     }
     if f.stream.ttl_secs < 300 {
-        bad("stream.ttl_secs", format!("{} is below 300: streams must stay resumable for 5 minutes", f.stream.ttl_secs));
+        bad(
+            "stream.ttl_secs",
+            format!("{} is below 300: streams must stay resumable for 5 minutes", f.stream.ttl_secs),
+        );
     }
     let s = &f.engine.synthetic;
     for (key, v) in [("engine.synthetic.refuse_ratio", s.refuse_ratio), ("engine.synthetic.die_ratio", s.die_ratio)] {
@@ -373,7 +419,11 @@ mod tests {
     fn every_bad_value_is_reported_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
-        std::fs::write(&path, "[server]\nlisten_addr = \"nowhere\"\n[engine]\nkind = \"magic\"\n[stream]\nttl_secs = 5\n").unwrap();
+        std::fs::write(
+            &path,
+            "[server]\nlisten_addr = \"nowhere\"\n[engine]\nkind = \"magic\"\n[stream]\nttl_secs = 5\n",
+        )
+        .unwrap();
         let err = load(Some(&path), &no_env).unwrap_err();
         for key in ["server.listen_addr", "engine.kind", "stream.ttl_secs"] {
             assert!(err.contains(key), "{key} missing from {err}");

@@ -33,8 +33,12 @@ pub struct Generator {
 /// How an answer ended, for logs and tests.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
-    Done { chunks: u64 },
-    Failed { code: String },
+    Done {
+        chunks: u64,
+    },
+    Failed {
+        code: String,
+    },
     /// Redis would not take the events: nobody could be told.
     Unpublished,
 }
@@ -62,9 +66,18 @@ impl Generator {
                         next = tokio::time::timeout(idle, pieces.next()) => next,
                     };
                     match next {
-                        Err(_) => break Event::error(&job.request_id, seq + 1, "engine_timeout", format!("the engine sent nothing for {idle:?}")),
+                        Err(_) => {
+                            break Event::error(
+                                &job.request_id,
+                                seq + 1,
+                                "engine_timeout",
+                                format!("the engine sent nothing for {idle:?}"),
+                            )
+                        }
                         Ok(None) => break Event::done(&job.request_id, seq + 1, "stop"),
-                        Ok(Some(Err(e))) => break Event::error(&job.request_id, seq + 1, failure_code(&e), e.to_string()),
+                        Ok(Some(Err(e))) => {
+                            break Event::error(&job.request_id, seq + 1, failure_code(&e), e.to_string())
+                        }
                         Ok(Some(Ok(delta))) => {
                             seq += 1;
                             if answer.len() < MAX_REMEMBERED_BYTES {
@@ -105,10 +118,16 @@ impl Generator {
             match self.store.emit(&job.session_id, &event).await {
                 Ok(()) => return true,
                 Err(e) if attempt < EMIT_ATTEMPTS => {
-                    log::warn!("request_id={} seq={} emit failed (attempt {attempt}), retrying: {e}", job.request_id, event.seq);
+                    log::warn!(
+                        "request_id={} seq={} emit failed (attempt {attempt}), retrying: {e}",
+                        job.request_id,
+                        event.seq
+                    );
                     tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
                 }
-                Err(e) => log::error!("request_id={} seq={} emit failed, stream abandoned: {e}", job.request_id, event.seq),
+                Err(e) => {
+                    log::error!("request_id={} seq={} emit failed, stream abandoned: {e}", job.request_id, event.seq)
+                }
             }
         }
         false

@@ -82,17 +82,32 @@ pub fn redis_store(config: &Config) -> anyhow::Result<Arc<dyn EventStore>> {
         history_max_turns: config.history_max_turns,
         history_ttl: config.stream_ttl.max(config.history_ttl),
     };
-    Ok(Arc::new(RedisStore::new(&config.redis_url, config.redis_connect_timeout, config.redis_command_timeout, retention)?))
+    Ok(Arc::new(RedisStore::new(
+        &config.redis_url,
+        config.redis_connect_timeout,
+        config.redis_command_timeout,
+        retention,
+    )?))
 }
 
 /// Serves `node` on `listener` until `shutdown` resolves, then drains.
-pub async fn run(listener: TcpListener, node: Arc<Node>, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    node: Arc<Node>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let stop_serving = CancellationToken::new();
-    let server = axum::serve(listener, api::router(node.clone())).with_graceful_shutdown(stop_serving.clone().cancelled_owned());
+    let server =
+        axum::serve(listener, api::router(node.clone())).with_graceful_shutdown(stop_serving.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });
 
     shutdown.await;
-    log::info!("node_id={} draining: {} streams in flight, grace {:?}", node.config.node_id, node.in_flight(), node.config.shutdown_grace);
+    log::info!(
+        "node_id={} draining: {} streams in flight, grace {:?}",
+        node.config.node_id,
+        node.in_flight(),
+        node.config.shutdown_grace
+    );
     node.draining.store(true, std::sync::atomic::Ordering::Relaxed);
     node.tasks.close();
     if tokio::time::timeout(node.config.shutdown_grace, node.tasks.wait()).await.is_err() {

@@ -79,7 +79,12 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    pub fn new(url: &str, connect_timeout: Duration, command_timeout: Duration, retention: Retention) -> Result<Self, StoreError> {
+    pub fn new(
+        url: &str,
+        connect_timeout: Duration,
+        command_timeout: Duration,
+        retention: Retention,
+    ) -> Result<Self, StoreError> {
         Ok(RedisStore {
             client: redis::Client::open(url)?,
             conn: OnceCell::new(),
@@ -98,7 +103,12 @@ impl RedisStore {
                     .set_response_timeout(Some(self.command_timeout))
                     .set_number_of_retries(2)
                     .set_max_delay(Duration::from_millis(500));
-                match tokio::time::timeout(self.connect_timeout * 2, self.client.get_connection_manager_with_config(config)).await {
+                match tokio::time::timeout(
+                    self.connect_timeout * 2,
+                    self.client.get_connection_manager_with_config(config),
+                )
+                .await
+                {
                     Ok(Ok(m)) => Ok(m),
                     Ok(Err(e)) => Err(StoreError::Unreachable(e.to_string())),
                     Err(_) => Err(StoreError::Timeout(self.connect_timeout * 2)),
@@ -156,11 +166,23 @@ impl EventStore for RedisStore {
         let () = self
             .run(|p| {
                 p.atomic()
-                    .cmd("XADD").arg(&stream).arg("MAXLEN").arg("~").arg(max_len).arg("*")
-                    .arg("seq").arg(seq).arg("event").arg(&json).ignore()
-                    .expire(&stream, ttl).ignore()
-                    .expire(&claim, ttl).ignore()
-                    .publish(&channel, &json).ignore();
+                    .cmd("XADD")
+                    .arg(&stream)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(max_len)
+                    .arg("*")
+                    .arg("seq")
+                    .arg(seq)
+                    .arg("event")
+                    .arg(&json)
+                    .ignore()
+                    .expire(&stream, ttl)
+                    .ignore()
+                    .expire(&claim, ttl)
+                    .ignore()
+                    .publish(&channel, &json)
+                    .ignore();
             })
             .await?;
         Ok(())

@@ -51,8 +51,7 @@ impl Event {
     }
 
     pub fn done(request_id: &str, seq: u64, finish_reason: &str) -> Self {
-        Self::bare(EventKind::Done, request_id, seq)
-            .with(|e| e.finish_reason = Some(finish_reason.to_owned()))
+        Self::bare(EventKind::Done, request_id, seq).with(|e| e.finish_reason = Some(finish_reason.to_owned()))
     }
 
     pub fn error(request_id: &str, seq: u64, code: &str, message: impl Into<String>) -> Self {
@@ -97,10 +96,7 @@ impl Event {
 
 /// Microseconds since the Unix epoch, the unit of `Event::ts_us`.
 pub fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]

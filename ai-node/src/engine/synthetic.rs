@@ -10,10 +10,10 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::Duration;
 
 const WORDS: &[&str] = &[
-    "the", "stream", "arrives", "in", "order", "and", "every", "chunk", "counts", "once", "proxy",
-    "backend", "node", "answer", "token", "latency", "is", "low", "because", "nothing", "waits",
-    "for", "a", "buffer", "redis", "carries", "each", "piece", "to", "socket", "quickly", "so",
-    "reader", "sees", "text", "grow", "while", "model", "thinks", "about", "your", "question",
+    "the", "stream", "arrives", "in", "order", "and", "every", "chunk", "counts", "once", "proxy", "backend", "node",
+    "answer", "token", "latency", "is", "low", "because", "nothing", "waits", "for", "a", "buffer", "redis", "carries",
+    "each", "piece", "to", "socket", "quickly", "so", "reader", "sees", "text", "grow", "while", "model", "thinks",
+    "about", "your", "question",
 ];
 
 pub struct SyntheticEngine {
@@ -85,12 +85,13 @@ impl Engine for SyntheticEngine {
             Ok(piece)
         });
         // The stream ends after its first error.
-        Ok(stream.scan(false, |failed, item| {
-            let out = if *failed { None } else { Some(item) };
-            *failed = out.as_ref().is_some_and(|r| r.is_err());
-            futures::future::ready(out)
-        })
-        .boxed())
+        Ok(stream
+            .scan(false, |failed, item| {
+                let out = if *failed { None } else { Some(item) };
+                *failed = out.as_ref().is_some_and(|r| r.is_err());
+                futures::future::ready(out)
+            })
+            .boxed())
     }
 
     fn idle_timeout(&self) -> Duration {

@@ -1,0 +1,221 @@
+//! Test harness: real AI nodes on free ports, real Redis, real subscribers.
+#![allow(dead_code)]
+
+use ai_node::config::{Config, EngineConfig, SyntheticConfig};
+use ai_node::Node;
+use chat_wire::{keys, Event};
+use futures::StreamExt;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The shared Redis the tests use: `TEST_REDIS_URL`, else the machine's default.
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A unique id for this test's sessions and requests, so tests never share keys.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", chat_wire::new_request_id())
+}
+
+/// A configuration for a fast synthetic node on a free port.
+pub fn fast_config(redis_url: &str, node_id: &str) -> Config {
+    let mut config = Config::defaults();
+    config.redis_url = redis_url.to_owned();
+    config.node_id = node_id.to_owned();
+    config.listen_addr = "127.0.0.1:0".parse().unwrap();
+    config.redis_connect_timeout = Duration::from_millis(500);
+    config.redis_command_timeout = Duration::from_millis(500);
+    config.shutdown_grace = Duration::from_millis(500);
+    config.engine = EngineConfig::Synthetic(SyntheticConfig {
+        first_token: Duration::from_millis(5),
+        tokens_per_second: 0.0,
+        answer_tokens: 12,
+        refuse_ratio: 0.0,
+        die_ratio: 0.0,
+    });
+    config
+}
+
+/// A node serving in this process on a real socket.
+pub struct TestNode {
+    pub addr: SocketAddr,
+    pub node: Arc<Node>,
+    stop: Option<oneshot::Sender<()>>,
+    served: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestNode {
+    pub async fn start(config: Config) -> TestNode {
+        let store = ai_node::redis_store(&config).unwrap();
+        let engine = ai_node::engine::from_config(&config.engine).unwrap();
+        let listener = tokio::net::TcpListener::bind(config.listen_addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let node = Node::new(config, store, engine);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let served = tokio::spawn(ai_node::run(listener, node.clone(), async move {
+            let _ = stopped.await;
+        }));
+        TestNode { addr, node, stop: Some(stop), served: Some(served) }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Sends the shutdown signal and waits for the drain to finish.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.served.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap()
+}
+
+/// A live subscription to one session's channel.
+pub struct Subscriber {
+    messages: futures::stream::BoxStream<'static, String>,
+}
+
+impl Subscriber {
+    pub async fn session(redis_url: &str, session_id: &str) -> Subscriber {
+        let client = redis::Client::open(redis_url).unwrap();
+        let mut pubsub = client.get_async_pubsub().await.unwrap();
+        pubsub.subscribe(keys::session_channel(session_id)).await.unwrap();
+        let messages = pubsub.into_on_message().map(|m| m.get_payload::<String>().unwrap()).boxed();
+        Subscriber { messages }
+    }
+
+    /// The next event, or a panic after `within`.
+    pub async fn next(&mut self, within: Duration) -> Event {
+        let raw = tokio::time::timeout(within, self.messages.next())
+            .await
+            .expect("no event in time")
+            .expect("subscription ended");
+        Event::from_json(&raw).unwrap()
+    }
+
+    /// Every event of one request up to and including its terminal event.
+    pub async fn until_end(&mut self, request_id: &str) -> Vec<Event> {
+        let mut events = Vec::new();
+        loop {
+            let e = self.next(Duration::from_secs(10)).await;
+            if e.request_id != request_id {
+                continue;
+            }
+            let end = e.is_terminal();
+            events.push(e);
+            if end {
+                return events;
+            }
+        }
+    }
+
+    /// Asserts that nothing more arrives within `quiet`.
+    pub async fn assert_silent(&mut self, quiet: Duration) {
+        if let Ok(Some(raw)) = tokio::time::timeout(quiet, self.messages.next()).await {
+            panic!("unexpected event {raw}");
+        }
+    }
+}
+
+/// Every stored event of a request, in stream order.
+pub async fn stored_events(redis_url: &str, request_id: &str) -> Vec<Event> {
+    let client = redis::Client::open(redis_url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(keys::request_stream(request_id))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    entries
+        .into_iter()
+        .map(|(_, fields)| {
+            let json = fields.into_iter().find(|(k, _)| k == "event").map(|(_, v)| v).unwrap();
+            Event::from_json(&json).unwrap()
+        })
+        .collect()
+}
+
+/// A free port on 127.0.0.1 (bound and released; the caller binds it again).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `redis-server` of the test's own, for tests that stop and restart Redis.
+pub struct OwnRedis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    pub fn start() -> OwnRedis {
+        let mut redis = OwnRedis { port: free_port(), child: None };
+        redis.restart();
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port and waits until it answers.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let client = redis::Client::open(self.url()).unwrap();
+        while Instant::now() < deadline {
+            if let Ok(mut conn) = client.get_connection() {
+                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server on port {} did not answer", self.port);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Polls `check` until it holds or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}

@@ -1,0 +1,190 @@
+//! Counters the status listener reports: nginx `stub_status` connection and
+//! request counts, and the Prometheus registry (requests by status, latency,
+//! upstream health, retries, active WebSockets, rejections).
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// nginx `stub_status` counters.
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    /// Connections accepted.
+    pub accepts: AtomicU64,
+    /// Connections handled (accepted and not refused by the connection limit).
+    pub handled: AtomicU64,
+    /// Requests read.
+    pub requests: AtomicU64,
+    /// Client connections open now.
+    pub active: AtomicI64,
+    /// Connections reading a first request header now.
+    pub reading: AtomicI64,
+    /// Requests being processed or answered now.
+    pub writing: AtomicI64,
+}
+
+impl ConnectionStats {
+    /// The exact nginx `stub_status` text.
+    pub fn stub_status(&self) -> String {
+        let active = self.active.load(Ordering::Relaxed).max(0);
+        let reading = self.reading.load(Ordering::Relaxed).clamp(0, active);
+        let writing = self.writing.load(Ordering::Relaxed).clamp(0, active - reading);
+        let waiting = active - reading - writing;
+        format!(
+            "Active connections: {active} \nserver accepts handled requests\n {} {} {} \nReading: {reading} Writing: {writing} Waiting: {waiting} \n",
+            self.accepts.load(Ordering::Relaxed),
+            self.handled.load(Ordering::Relaxed),
+            self.requests.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Prometheus metrics of the proxy, in their own registry.
+pub struct Metrics {
+    /// Registry `/metrics` renders.
+    registry: Registry,
+    /// Requests answered, by upstream group and status code.
+    pub requests: IntCounterVec,
+    /// Request duration, by upstream group.
+    pub latency: HistogramVec,
+    /// 1 when a backend is in service (active and passive checks), else 0.
+    pub upstream_up: IntGaugeVec,
+    /// Retries on another backend after a failed attempt, by group.
+    pub retries: IntCounterVec,
+    /// Backends taken out by passive checks, by group.
+    pub passive_ejections: IntCounterVec,
+    /// Upgraded (WebSocket) connections open now.
+    pub websockets_active: IntGauge,
+    /// Requests refused by a limit, by reason.
+    pub rejected: IntCounterVec,
+    /// Configuration reloads, by result.
+    pub reloads: IntCounterVec,
+    /// Client connections open now.
+    pub connections_active: IntGauge,
+    /// Client connections accepted.
+    pub connections_accepted: IntCounter,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("proxy_requests_total", "Requests answered, by upstream group and status"),
+            &["upstream", "status"],
+        )
+        .expect("valid metric");
+        let latency = HistogramVec::new(
+            HistogramOpts::new("proxy_request_duration_seconds", "Request duration")
+                .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        let upstream_up = IntGaugeVec::new(
+            Opts::new("proxy_upstream_up", "1 when a backend is in service"),
+            &["upstream", "backend"],
+        )
+        .expect("valid metric");
+        let retries = IntCounterVec::new(
+            Opts::new("proxy_upstream_retries_total", "Retries on another backend"),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        let passive_ejections = IntCounterVec::new(
+            Opts::new("proxy_upstream_passive_ejections_total", "Backends taken out by failures of live traffic"),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        let websockets_active =
+            IntGauge::new("proxy_websockets_active", "Upgraded connections open now").expect("valid metric");
+        let rejected = IntCounterVec::new(
+            Opts::new("proxy_rejected_total", "Requests refused by a limit"),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let reloads = IntCounterVec::new(
+            Opts::new("proxy_config_reloads_total", "Configuration reloads"),
+            &["result"],
+        )
+        .expect("valid metric");
+        let connections_active =
+            IntGauge::new("proxy_connections_active", "Client connections open now").expect("valid metric");
+        let connections_accepted =
+            IntCounter::new("proxy_connections_accepted_total", "Client connections accepted").expect("valid metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(latency.clone()),
+            Box::new(upstream_up.clone()),
+            Box::new(retries.clone()),
+            Box::new(passive_ejections.clone()),
+            Box::new(websockets_active.clone()),
+            Box::new(rejected.clone()),
+            Box::new(reloads.clone()),
+            Box::new(connections_active.clone()),
+            Box::new(connections_accepted.clone()),
+        ] {
+            registry.register(c).expect("unique metric");
+        }
+        Self {
+            registry,
+            requests,
+            latency,
+            upstream_up,
+            retries,
+            passive_ejections,
+            websockets_active,
+            rejected,
+            reloads,
+            connections_active,
+            connections_accepted,
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            log::error!("metrics encoding failed: {e}");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stub_status_has_nginx_layout() {
+        let s = ConnectionStats::default();
+        s.accepts.store(16630948, Ordering::Relaxed);
+        s.handled.store(16630948, Ordering::Relaxed);
+        s.requests.store(31070465, Ordering::Relaxed);
+        s.active.store(291, Ordering::Relaxed);
+        s.reading.store(6, Ordering::Relaxed);
+        s.writing.store(179, Ordering::Relaxed);
+        assert_eq!(
+            s.stub_status(),
+            "Active connections: 291 \nserver accepts handled requests\n 16630948 16630948 31070465 \nReading: 6 Writing: 179 Waiting: 106 \n"
+        );
+    }
+
+    #[test]
+    fn metrics_render_names() {
+        let m = Metrics::new();
+        m.requests.with_label_values(&["backends", "200"]).inc();
+        m.websockets_active.inc();
+        let text = m.render();
+        assert!(text.contains("proxy_requests_total{status=\"200\",upstream=\"backends\"} 1"), "{text}");
+        assert!(text.contains("proxy_websockets_active 1"));
+    }
+}

@@ -1,0 +1,38 @@
+# Set-up steps shared by the project's scripts; source it, then call what you need.
+# Each step does nothing when what it provides is already there.
+
+# apt-get install, as root or through sudo, updating the package lists once.
+apt_install() {
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  if [ -z "${APT_UPDATED:-}" ]; then
+    $sudo apt-get update -qq
+    APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
+# Pingora's build needs cmake (and a C compiler, which rustup machines have).
+ensure_build_tools() {
+  command -v cmake >/dev/null || { echo "== installing cmake"; apt_install cmake; }
+  command -v redis-server >/dev/null || { echo "== installing redis-server"; apt_install redis-server; }
+}
+
+# Exports TEST_REDIS_URL: REDIS_URL when given, else the machine's Redis on
+# 127.0.0.1:6379, else a redis-server of our own on a free port (stopped on exit).
+ensure_redis() {
+  if [ -n "${REDIS_URL:-}" ]; then
+    export TEST_REDIS_URL="$REDIS_URL"
+  elif redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; then
+    export TEST_REDIS_URL="redis://127.0.0.1:6379"
+  else
+    local port
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null || echo 6390)
+    echo "== no Redis on 127.0.0.1:6379: starting redis-server on port $port"
+    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
+      --pidfile "/tmp/chat-test-redis-$port.pid" --logfile "/tmp/chat-test-redis-$port.log"
+    for _ in $(seq 50); do redis-cli -p "$port" ping 2>/dev/null | grep -q PONG && break; sleep 0.1; done
+    trap "kill \$(cat /tmp/chat-test-redis-$port.pid) 2>/dev/null || true" EXIT
+    export TEST_REDIS_URL="redis://127.0.0.1:$port"
+  fi
+}
