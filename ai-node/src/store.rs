@@ -8,22 +8,13 @@
 //! on an in-process store where no Redis exists.
 
 use async_trait::async_trait;
+use chat_wire::redis_conn::RedisConn;
 use chat_wire::{keys, Event};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
-use thiserror::Error;
-use tokio::sync::OnceCell;
 
-#[derive(Debug, Error)]
-pub enum StoreError {
-    #[error("redis is unreachable: {0}")]
-    Unreachable(String),
-    #[error("redis timed out after {0:?}")]
-    Timeout(Duration),
-    #[error("redis answered with an error: {0}")]
-    Redis(#[from] redis::RedisError),
-}
+/// The store's errors are Redis's: unreachable, timed out, or refused.
+pub type StoreError = chat_wire::redis_conn::RedisError;
 
 /// One turn of a conversation, as kept in the session's history.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,14 +58,9 @@ pub struct Retention {
     pub history_ttl: Duration,
 }
 
-/// The Redis store. The connection is made on first use and then kept (and
-/// re-made after a drop) by redis-rs's `ConnectionManager`, so a node that
-/// starts before Redis comes up serves as soon as Redis answers.
+/// The Redis store, on a connection made on first use (see `chat_wire::redis_conn`).
 pub struct RedisStore {
-    client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
-    connect_timeout: Duration,
-    command_timeout: Duration,
+    conn: RedisConn,
     retention: Retention,
 }
 
@@ -85,56 +71,13 @@ impl RedisStore {
         command_timeout: Duration,
         retention: Retention,
     ) -> Result<Self, StoreError> {
-        Ok(RedisStore {
-            client: redis::Client::open(url)?,
-            conn: OnceCell::new(),
-            connect_timeout,
-            command_timeout,
-            retention,
-        })
+        Ok(RedisStore { conn: RedisConn::new(url, connect_timeout, command_timeout)?, retention })
     }
 
-    async fn conn(&self) -> Result<ConnectionManager, StoreError> {
-        let manager = self
-            .conn
-            .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.connect_timeout))
-                    .set_response_timeout(Some(self.command_timeout))
-                    .set_number_of_retries(2)
-                    .set_max_delay(Duration::from_millis(500));
-                match tokio::time::timeout(
-                    self.connect_timeout * 2,
-                    self.client.get_connection_manager_with_config(config),
-                )
-                .await
-                {
-                    Ok(Ok(m)) => Ok(m),
-                    Ok(Err(e)) => Err(StoreError::Unreachable(e.to_string())),
-                    Err(_) => Err(StoreError::Timeout(self.connect_timeout * 2)),
-                }
-            })
-            .await?;
-        Ok(manager.clone())
-    }
-
-    /// Runs one command or pipeline with the command timeout, whatever redis-rs does.
-    async fn run<T: redis::FromRedisValue>(&self, cmd: impl FnOnce(&mut redis::Pipeline)) -> Result<T, StoreError> {
-        let mut conn = self.conn().await?;
+    async fn run<T: redis::FromRedisValue>(&self, build: impl FnOnce(&mut redis::Pipeline)) -> Result<T, StoreError> {
         let mut pipe = redis::pipe();
-        cmd(&mut pipe);
-        match tokio::time::timeout(self.command_timeout, pipe.query_async::<T>(&mut conn)).await {
-            Ok(result) => result.map_err(classify),
-            Err(_) => Err(StoreError::Timeout(self.command_timeout)),
-        }
-    }
-}
-
-fn classify(e: redis::RedisError) -> StoreError {
-    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
-        StoreError::Unreachable(e.to_string())
-    } else {
-        StoreError::Redis(e)
+        build(&mut pipe);
+        self.conn.query(&pipe).await
     }
 }
 

@@ -23,3 +23,19 @@ pub fn request_claim(request_id: &str) -> String {
 pub fn session_history(session_id: &str) -> String {
     format!("chat:session:{session_id}:history")
 }
+
+/// The session id of a channel made by `session_channel`.
+pub fn session_of_channel(channel: &str) -> Option<&str> {
+    channel.strip_prefix("chat:session:")?.strip_suffix(":events")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names_round_trip() {
+        assert_eq!(session_of_channel(&session_channel("s-1:x")), Some("s-1:x"));
+        assert_eq!(session_of_channel("other"), None);
+    }
+}

@@ -2,12 +2,13 @@
 //!
 //! Three things live here because both sides must agree on them exactly:
 //! the stream events (`events`), the Redis key and channel names (`keys`), and
-//! the rules for ids and messages that both sides validate (`ids`). Nothing
-//! here does I/O.
+//! the rules for ids and messages that both sides validate (`ids`), and the
+//! one way both talk to Redis for commands (`redis_conn`).
 
 pub mod events;
 pub mod ids;
 pub mod keys;
+pub mod redis_conn;
 
 pub use events::{now_micros, Event, EventKind};
 pub use ids::{new_request_id, validate_id, validate_message, InvalidInput, MAX_ID_LEN, MAX_MESSAGE_CHARS};

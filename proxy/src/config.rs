@@ -27,10 +27,7 @@ pub const DEFAULT_GROUP: &str = "backends";
 pub enum ConfigError {
     /// The file could not be read at all.
     #[error("{file}: cannot read: {source}")]
-    Read {
-        file: String,
-        source: std::io::Error,
-    },
+    Read { file: String, source: std::io::Error },
     /// The file is not valid TOML, or has an unknown key or a value of the
     /// wrong type (toml's message carries the line and column).
     #[error("{file}: {message}")]
@@ -346,10 +343,7 @@ fn default_upstreams() -> BTreeMap<String, FileUpstream> {
 fn default_routes() -> Vec<FileRoute> {
     ["/api/", "/ws/", "/"]
         .into_iter()
-        .map(|prefix| FileRoute {
-            prefix: s(prefix),
-            upstream: s(DEFAULT_GROUP),
-        })
+        .map(|prefix| FileRoute { prefix: s(prefix), upstream: s(DEFAULT_GROUP) })
         .collect()
 }
 
@@ -368,11 +362,7 @@ impl Default for FileServer {
 }
 impl Default for FileListen {
     fn default() -> Self {
-        Self {
-            public: default_public(),
-            status: default_status(),
-            tls: None,
-        }
+        Self { public: default_public(), status: default_status(), tls: None }
     }
 }
 impl Default for FileClient {
@@ -390,16 +380,12 @@ impl Default for FileClient {
 }
 impl Default for FileSticky {
     fn default() -> Self {
-        Self {
-            key: default_sticky_key(),
-        }
+        Self { key: default_sticky_key() }
     }
 }
 impl Default for FileWebsocket {
     fn default() -> Self {
-        Self {
-            idle_timeout: default_ws_idle(),
-        }
+        Self { idle_timeout: default_ws_idle() }
     }
 }
 impl Default for FileHealth {
@@ -432,16 +418,9 @@ impl Overrides {
     /// Reads `PROXY_LISTEN`, `PROXY_STATUS_LISTEN` and `PROXY_BACKENDS`.
     pub fn from_env() -> Self {
         let var = |name: &str| {
-            std::env::var(name)
-                .ok()
-                .filter(|v| !v.trim().is_empty())
-                .map(|v| (v, format!("environment {name}")))
+            std::env::var(name).ok().filter(|v| !v.trim().is_empty()).map(|v| (v, format!("environment {name}")))
         };
-        Self {
-            listen: var("PROXY_LISTEN"),
-            status_listen: var("PROXY_STATUS_LISTEN"),
-            backends: var("PROXY_BACKENDS"),
-        }
+        Self { listen: var("PROXY_LISTEN"), status_listen: var("PROXY_STATUS_LISTEN"), backends: var("PROXY_BACKENDS") }
     }
 
     /// Layers `other` on top of `self` (other wins where set).
@@ -584,20 +563,14 @@ pub struct Route {
 impl Config {
     /// The group a path routes to, by longest matching prefix.
     pub fn route(&self, path: &str) -> Option<&str> {
-        self.routes
-            .iter()
-            .find(|r| path.starts_with(&r.prefix))
-            .map(|r| r.upstream.as_str())
+        self.routes.iter().find(|r| path.starts_with(&r.prefix)).map(|r| r.upstream.as_str())
     }
 }
 
 /// Reads, parses, overrides and checks a configuration file.
 pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        file: file.clone(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
     parse(&file, &text, overrides)
 }
 
@@ -624,12 +597,7 @@ struct Checker<'a> {
 
 impl<'a> Checker<'a> {
     fn new(file: &'a str, text: &'a str, overrides: &'a Overrides) -> Self {
-        Self {
-            file,
-            text,
-            overrides,
-            problems: Vec::new(),
-        }
+        Self { file, text, overrides, problems: Vec::new() }
     }
 
     fn line_of<T>(&self, value: &Spanned<T>) -> Option<usize> {
@@ -642,12 +610,7 @@ impl<'a> Checker<'a> {
 
     fn problem<T>(&mut self, key: &str, at: &Spanned<T>, reason: String) {
         let line = self.line_of(at);
-        self.problems.push(Problem {
-            origin: self.file.to_string(),
-            line,
-            key: key.to_string(),
-            reason,
-        });
+        self.problems.push(Problem { origin: self.file.to_string(), line, key: key.to_string(), reason });
     }
 
     fn duration(&mut self, key: &str, value: &Spanned<String>) -> Duration {
@@ -700,12 +663,8 @@ impl<'a> Checker<'a> {
         });
         let mut backends_origin = None;
         if let Some((v, origin)) = &overrides.backends {
-            let servers: Vec<_> = v
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|x| unspanned(x.to_string()))
-                .collect();
+            let servers: Vec<_> =
+                v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|x| unspanned(x.to_string())).collect();
             match raw.upstreams.get_mut(DEFAULT_GROUP) {
                 Some(group) => group.servers = unspanned(servers),
                 None => {
@@ -751,11 +710,7 @@ impl<'a> Checker<'a> {
             }
         }
         if *raw.client.max_connections.get_ref() == 0 {
-            self.problem(
-                "client.max_connections",
-                &raw.client.max_connections,
-                "must be at least 1".into(),
-            );
+            self.problem("client.max_connections", &raw.client.max_connections, "must be at least 1".into());
         }
         let client = ClientSettings {
             trusted_proxies,
@@ -774,8 +729,7 @@ impl<'a> Checker<'a> {
                 StickyKey::Ip
             }
         };
-        let websocket_idle_timeout =
-            self.positive_duration("websocket.idle_timeout", &raw.websocket.idle_timeout);
+        let websocket_idle_timeout = self.positive_duration("websocket.idle_timeout", &raw.websocket.idle_timeout);
 
         let mut upstreams = Vec::new();
         for (name, group) in &raw.upstreams {
@@ -794,11 +748,7 @@ impl<'a> Checker<'a> {
         for (i, route) in raw.routes.iter().enumerate() {
             let prefix = route.prefix.get_ref();
             if !prefix.starts_with('/') {
-                self.problem(
-                    &format!("routes[{i}].prefix"),
-                    &route.prefix,
-                    format!("{prefix:?} must start with '/'"),
-                );
+                self.problem(&format!("routes[{i}].prefix"), &route.prefix, format!("{prefix:?} must start with '/'"));
             }
             if !raw.upstreams.contains_key(route.upstream.get_ref()) {
                 self.problem(
@@ -807,26 +757,15 @@ impl<'a> Checker<'a> {
                     format!("{:?} is not a group under [upstreams]", route.upstream.get_ref()),
                 );
             }
-            routes.push(Route {
-                prefix: prefix.clone(),
-                upstream: route.upstream.get_ref().clone(),
-            });
+            routes.push(Route { prefix: prefix.clone(), upstream: route.upstream.get_ref().clone() });
         }
         // Longest prefix first, so the first match is the most specific.
-        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
 
         if !self.problems.is_empty() {
             return Err(ConfigError::Invalid(self.problems));
         }
-        Ok(Config {
-            server,
-            listen,
-            client,
-            sticky,
-            websocket_idle_timeout,
-            upstreams,
-            routes,
-        })
+        Ok(Config { server, listen, client, sticky, websocket_idle_timeout, upstreams, routes })
     }
 
     fn existing_file(&mut self, key: &str, value: &Spanned<String>) -> PathBuf {
@@ -843,12 +782,9 @@ impl<'a> Checker<'a> {
         if raw.servers.get_ref().is_empty() {
             let reason = "is empty: a group needs at least one server".to_string();
             match servers_origin {
-                Some(origin) => self.problems.push(Problem {
-                    origin: origin.to_string(),
-                    line: None,
-                    key: key("servers"),
-                    reason,
-                }),
+                Some(origin) => {
+                    self.problems.push(Problem { origin: origin.to_string(), line: None, key: key("servers"), reason })
+                }
                 None => self.problem(&key("servers"), &raw.servers, reason),
             }
         }
@@ -868,11 +804,7 @@ impl<'a> Checker<'a> {
         }
         let health = &raw.health;
         if !health.path.get_ref().starts_with('/') {
-            self.problem(
-                &key("health.path"),
-                &health.path,
-                format!("{:?} must start with '/'", health.path.get_ref()),
-            );
+            self.problem(&key("health.path"), &health.path, format!("{:?} must start with '/'", health.path.get_ref()));
         }
         for (k, v) in [("health.rise", &health.rise), ("health.fall", &health.fall)] {
             if *v.get_ref() == 0 {
@@ -913,9 +845,7 @@ fn check_server(server: &str) -> Result<(), String> {
     }
     let valid_host = !host.is_empty()
         && host.len() <= 253
-        && host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+        && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
         && !host.starts_with(['-', '.']);
     // A host of digits and dots that did not parse as an address is a bad IP.
     let looks_numeric = host.chars().all(|c| c.is_ascii_digit() || c == '.');
@@ -933,9 +863,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 500ms, 10s, 5m or 1h"))?;
+    let n: u64 = digits.parse().map_err(|_| format!("{text:?} is not a duration like 500ms, 10s, 5m or 1h"))?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
@@ -970,9 +898,7 @@ mod tests {
 
     #[test]
     fn unknown_key_is_rejected_with_line() {
-        let err = parse("t.toml", "[listen]\npublik = \"1.2.3.4:5\"\n", &Overrides::default())
-            .unwrap_err()
-            .to_string();
+        let err = parse("t.toml", "[listen]\npublik = \"1.2.3.4:5\"\n", &Overrides::default()).unwrap_err().to_string();
         assert!(err.contains("t.toml"), "{err}");
         assert!(err.contains("line 2"), "{err}");
         assert!(err.contains("publik"), "{err}");
@@ -1038,12 +964,8 @@ mod tests {
 
     #[test]
     fn unrouted_path_has_no_group() {
-        let c = parse(
-            "t.toml",
-            "[[routes]]\nprefix=\"/api/\"\nupstream=\"backends\"\n",
-            &Overrides::default(),
-        )
-        .unwrap();
+        let c =
+            parse("t.toml", "[[routes]]\nprefix=\"/api/\"\nupstream=\"backends\"\n", &Overrides::default()).unwrap();
         assert_eq!(c.route("/elsewhere"), None);
     }
 

@@ -5,8 +5,7 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// nginx `stub_status` counters.
@@ -88,11 +87,9 @@ impl Metrics {
             &["upstream", "backend"],
         )
         .expect("valid metric");
-        let retries = IntCounterVec::new(
-            Opts::new("proxy_upstream_retries_total", "Retries on another backend"),
-            &["upstream"],
-        )
-        .expect("valid metric");
+        let retries =
+            IntCounterVec::new(Opts::new("proxy_upstream_retries_total", "Retries on another backend"), &["upstream"])
+                .expect("valid metric");
         let passive_ejections = IntCounterVec::new(
             Opts::new("proxy_upstream_passive_ejections_total", "Backends taken out by failures of live traffic"),
             &["upstream"],
@@ -100,16 +97,11 @@ impl Metrics {
         .expect("valid metric");
         let websockets_active =
             IntGauge::new("proxy_websockets_active", "Upgraded connections open now").expect("valid metric");
-        let rejected = IntCounterVec::new(
-            Opts::new("proxy_rejected_total", "Requests refused by a limit"),
-            &["reason"],
-        )
-        .expect("valid metric");
-        let reloads = IntCounterVec::new(
-            Opts::new("proxy_config_reloads_total", "Configuration reloads"),
-            &["result"],
-        )
-        .expect("valid metric");
+        let rejected =
+            IntCounterVec::new(Opts::new("proxy_rejected_total", "Requests refused by a limit"), &["reason"])
+                .expect("valid metric");
+        let reloads = IntCounterVec::new(Opts::new("proxy_config_reloads_total", "Configuration reloads"), &["result"])
+            .expect("valid metric");
         let connections_active =
             IntGauge::new("proxy_connections_active", "Client connections open now").expect("valid metric");
         let connections_accepted =

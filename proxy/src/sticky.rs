@@ -58,9 +58,9 @@ impl StickyKey {
                 Some(v) if !v.is_empty() => v.as_bytes().to_vec(),
                 _ => client.to_string().into_bytes(),
             },
-            Self::Cookie(name) => cookie(headers, name)
-                .map(|v| v.as_bytes().to_vec())
-                .unwrap_or_else(|| client.to_string().into_bytes()),
+            Self::Cookie(name) => {
+                cookie(headers, name).map(|v| v.as_bytes().to_vec()).unwrap_or_else(|| client.to_string().into_bytes())
+            }
         }
     }
 }
@@ -150,18 +150,9 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr 
     if let Some(first) = forwarded.first() {
         // Walk back through the chain of trusted proxies to the first hop we
         // cannot vouch for: everything left of it could be forged.
-        return forwarded
-            .iter()
-            .rev()
-            .copied()
-            .find(|ip| !is_trusted(*ip))
-            .unwrap_or(*first);
+        return forwarded.iter().rev().copied().find(|ip| !is_trusted(*ip)).unwrap_or(*first);
     }
-    headers
-        .get("x-real-ip")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(peer)
+    headers.get("x-real-ip").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok()).unwrap_or(peer)
 }
 
 /// Whether the peer may speak for the client in forwarding headers.
@@ -176,10 +167,7 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(
-                http::HeaderName::from_str(k).unwrap(),
-                v.parse().unwrap(),
-            );
+            h.append(http::HeaderName::from_str(k).unwrap(), v.parse().unwrap());
         }
         h
     }

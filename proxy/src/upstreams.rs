@@ -164,19 +164,11 @@ impl ServiceDiscovery for ServerList {
 
 impl ServerList {
     fn remember(&self, name: &str, addrs: &[SocketAddr]) {
-        self.resolved
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string(), addrs.to_vec());
+        self.resolved.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), addrs.to_vec());
     }
 
     fn recall(&self, name: &str) -> Vec<SocketAddr> {
-        self.resolved
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .cloned()
-            .unwrap_or_default()
+        self.resolved.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned().unwrap_or_default()
     }
 }
 
@@ -220,10 +212,7 @@ impl UpstreamGroup {
     /// Builds the group and resolves its servers once.
     pub async fn new(config: UpstreamConfig) -> Arc<Self> {
         let servers = Arc::new(RwLock::new(config.servers.clone()));
-        let discovery = ServerList {
-            servers: servers.clone(),
-            resolved: Mutex::new(HashMap::new()),
-        };
+        let discovery = ServerList { servers: servers.clone(), resolved: Mutex::new(HashMap::new()) };
         let lb = LoadBalancer::from_backends(Backends::new(Box::new(discovery)));
         let group = Arc::new(Self {
             config: RwLock::new(config),
@@ -261,13 +250,8 @@ impl UpstreamGroup {
             log::warn!("upstream {}: discovery failed: {e}", self.name());
             return;
         }
-        let current: Vec<SocketAddr> = self
-            .lb
-            .backends()
-            .get_backend()
-            .iter()
-            .filter_map(|b| b.addr.as_inet().copied())
-            .collect();
+        let current: Vec<SocketAddr> =
+            self.lb.backends().get_backend().iter().filter_map(|b| b.addr.as_inet().copied()).collect();
         let mut states = self.states.write().unwrap_or_else(|p| p.into_inner());
         states.retain(|addr, _| current.contains(addr));
         for addr in current {
@@ -280,24 +264,14 @@ impl UpstreamGroup {
 
     /// Every backend's state.
     pub fn states(&self) -> Vec<Arc<BackendState>> {
-        let mut v: Vec<_> = self
-            .states
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let mut v: Vec<_> = self.states.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         v.sort_by_key(|s| s.addr);
         v
     }
 
     /// One backend's state.
     pub fn state(&self, addr: &SocketAddr) -> Option<Arc<BackendState>> {
-        self.states
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(addr)
-            .cloned()
+        self.states.read().unwrap_or_else(|p| p.into_inner()).get(addr).cloned()
     }
 
     /// The first available backend on the ring from `key`, skipping `tried`
@@ -307,9 +281,9 @@ impl UpstreamGroup {
         let states = self.states.read().unwrap_or_else(|p| p.into_inner());
         self.lb
             .select_with(key, MAX_RING_STEPS, |b, _| {
-                b.addr.as_inet().is_some_and(|addr| {
-                    !tried.contains(addr) && states.get(addr).is_some_and(|s| s.available(now))
-                })
+                b.addr
+                    .as_inet()
+                    .is_some_and(|addr| !tried.contains(addr) && states.get(addr).is_some_and(|s| s.available(now)))
             })
             .and_then(|b| b.addr.as_inet().copied())
     }
@@ -418,7 +392,11 @@ mod tests {
             let g = all_up(&refs).await;
             let before = spread(&g);
             for clients in before.values() {
-                assert!((283..=383).contains(&clients.len()), "{base}: {:?}", before.iter().map(|(k, v)| (k, v.len())).collect::<Vec<_>>());
+                assert!(
+                    (283..=383).contains(&clients.len()),
+                    "{base}: {:?}",
+                    before.iter().map(|(k, v)| (k, v.len())).collect::<Vec<_>>()
+                );
             }
             // Take one out: its clients move, nobody else's do.
             let gone: SocketAddr = servers[1].parse().unwrap();

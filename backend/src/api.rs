@@ -1,0 +1,249 @@
+//! The backend's HTTP face: `POST /api/chat` (JSON or SSE), `GET
+//! /api/ai-health`, `GET /health`, the WebSocket route, and the one JSON error
+//! shape. Every answer carries `X-Backend-Id`.
+
+use crate::follow::Follower;
+use crate::limits::Limited;
+use crate::nodes::{DispatchError, NodeChat};
+use crate::{ws, App};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chat_wire::Event;
+use serde::Deserialize;
+use serde_json::json;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub fn router(app: Arc<App>) -> Router {
+    let backend_id = HeaderValue::from_str(&app.config.backend_id).expect("backend ids are header-safe");
+    Router::new()
+        .route("/api/chat", post(chat))
+        .route("/api/ai-health", get(ai_health))
+        .route("/ws/chat", get(ws::upgrade))
+        .route("/health", get(health))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(app.config.max_body_bytes))
+        .layer(middleware::from_fn(access_log))
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            let id = backend_id.clone();
+            async move {
+                let mut res = next.run(req).await;
+                res.headers_mut().insert("x-backend-id", id);
+                res
+            }
+        }))
+        .with_state(app)
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into() }
+    }
+
+    pub fn invalid(e: chat_wire::InvalidInput) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string())
+    }
+
+    pub fn limited(which: Limited) -> Self {
+        let what = match which {
+            Limited::Session => "this session",
+            Limited::Ip => "this client",
+        };
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", format!("too many chats from {what}; slow down"))
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({"error": {"code": self.code, "message": self.message}}))).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let message = rejection.body_text();
+        match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", message)
+            }
+            _ => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message),
+        }
+    }
+}
+
+impl From<DispatchError> for ApiError {
+    fn from(e: DispatchError) -> Self {
+        match e {
+            DispatchError::Deadline(_) => ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", e.to_string()),
+            DispatchError::NoNode { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_node_available", e.to_string()),
+            DispatchError::Rejected { .. } => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatBody {
+    pub session_id: String,
+    pub message: String,
+    #[serde(default)]
+    pub user_id: Option<String>,
+}
+
+/// Validates, rate-limits and dispatches one chat; the request id is fixed here.
+pub async fn start_chat(app: &App, ip: std::net::IpAddr, body: ChatBody, request_id: String) -> Result<crate::nodes::Accepted, ApiError> {
+    let result = async {
+        chat_wire::validate_id("session_id", &body.session_id).map_err(ApiError::invalid)?;
+        chat_wire::validate_message(&body.message).map_err(ApiError::invalid)?;
+        if let Some(user) = &body.user_id {
+            chat_wire::validate_id("user_id", user).map_err(ApiError::invalid)?;
+        }
+        if app.draining.load(Ordering::Relaxed) {
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "this backend is shutting down"));
+        }
+        app.limits.admit_chat(&body.session_id, ip).map_err(ApiError::limited)?;
+        let chat = NodeChat { request_id, session_id: body.session_id, message: body.message, user_id: body.user_id };
+        Ok(app.pool.dispatch(&chat).await?)
+    }
+    .await;
+    let outcome = match &result {
+        Ok(_) => "accepted",
+        Err(e) => e.code,
+    };
+    app.metrics.chats.with_label_values(&[outcome]).inc();
+    result
+}
+
+async fn chat(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    payload: Result<Json<ChatBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = payload?;
+    let ip = app.limits.client_ip(peer, &headers);
+    let request_id = chat_wire::new_request_id();
+    let wants_sse = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if wants_sse {
+        // Attach before dispatching so no event can pass unseen.
+        chat_wire::validate_id("session_id", &body.session_id).map_err(ApiError::invalid)?;
+        let attachment = app.hub.attach(&body.session_id).await;
+        let session_id = body.session_id.clone();
+        let accepted = start_chat(&app, ip, body, request_id.clone()).await?;
+        log::info!("request_id={request_id} session_id={session_id} node={} sse", accepted.node_url);
+        return Ok(sse(app, attachment, request_id).await.into_response());
+    }
+    let session_id = body.session_id.clone();
+    let accepted = start_chat(&app, ip, body, request_id.clone()).await?;
+    log::info!("request_id={request_id} session_id={session_id} node={}", accepted.node_url);
+    let answer = json!({
+        "request_id": request_id,
+        "session_id": session_id,
+        "node": accepted.node_url,
+        "node_id": accepted.node_id,
+        "backend": app.config.backend_id,
+        "status": "accepted",
+    });
+    Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
+}
+
+/// The events of one request as Server-Sent Events, ending after `done` or `error`.
+async fn sse(app: Arc<App>, mut attachment: crate::hub::Attachment, request_id: String) -> impl IntoResponse {
+    let (tx, rx) = tokio::sync::mpsc::channel::<axum::response::sse::Event>(64);
+    tokio::spawn(async move {
+        let mut follower = Follower::new(app.replay.clone(), app.config.stall_timeout);
+        let mut pending = follower.start(&request_id).await;
+        let mut tick = tokio::time::interval(crate::STALL_TICK);
+        loop {
+            for event in pending.drain(..).filter(|e| e.request_id == request_id) {
+                let end = event.is_terminal();
+                app.metrics.observe_delivery(event.ts_us);
+                if tx.send(sse_event(&event)).await.is_err() || end {
+                    return;
+                }
+            }
+            tokio::select! {
+                delivery = attachment.rx.recv() => match delivery {
+                    Some(crate::hub::Delivery::Event(e)) => pending = follower.on_live(&e).await,
+                    Some(crate::hub::Delivery::Refill) => pending = follower.refill_all().await,
+                    None => return,
+                },
+                _ = tick.tick() => pending = follower.check_stalls().await,
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx)) });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+fn sse_event(event: &Event) -> axum::response::sse::Event {
+    let kind = match event.kind {
+        chat_wire::EventKind::Chunk => "chunk",
+        chat_wire::EventKind::Done => "done",
+        chat_wire::EventKind::Error => "error",
+    };
+    axum::response::sse::Event::default().id(event.seq.to_string()).event(kind).data(event.to_json())
+}
+
+async fn ai_health(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    let nodes = app.pool.status();
+    let healthy = nodes.iter().filter(|n| n.status == "healthy").count();
+    Json(json!({"total_nodes": nodes.len(), "healthy_nodes": healthy, "nodes": nodes}))
+}
+
+async fn health(State(app): State<Arc<App>>) -> Response {
+    let draining = app.draining.load(Ordering::Relaxed);
+    let body = json!({
+        "status": if draining { "draining" } else { "ok" },
+        "backend_id": app.config.backend_id,
+        "websockets": app.metrics.ws_active.get(),
+        "sessions": app.hub.sessions(),
+    });
+    let status = if draining { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    (status, Json(body)).into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+async fn access_log(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    log::info!(
+        "method={method} path={path} status={} duration_ms={:.1}",
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    response
+}

@@ -1,0 +1,222 @@
+//! The pub/sub hub: one dedicated Redis pub/sub connection per backend
+//! process, subscribed to exactly the sessions that have a socket (or SSE
+//! stream) attached here, fanned out in-process.
+//!
+//! A session is subscribed when its first reader attaches and unsubscribed
+//! when its last one leaves; both go through one lock so they cannot cross.
+//! When the connection drops, the hub reconnects, subscribes every attached
+//! session again, and tells every reader to `Refill` from the streams, which
+//! closes whatever gap the outage made. A reader whose queue is full is
+//! detached (its receiver ends), so a slow reader costs a bounded queue.
+
+use crate::metrics::Metrics;
+use chat_wire::{keys, Event};
+use futures::StreamExt;
+use redis::aio::PubSubSink;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// How long one SUBSCRIBE/UNSUBSCRIBE or connection attempt may take.
+const PUBSUB_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest pause between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// What a reader receives.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    /// A live event of the session.
+    Event(Arc<Event>),
+    /// The connection was re-made: events may have been missed; read them from the streams.
+    Refill,
+}
+
+struct Reader {
+    id: u64,
+    tx: mpsc::Sender<Delivery>,
+}
+
+pub struct Hub {
+    client: redis::Client,
+    /// Attached readers by session id.
+    readers: Mutex<HashMap<String, Vec<Reader>>>,
+    /// The current connection's command half; `None` while disconnected.
+    sink: tokio::sync::Mutex<Option<PubSubSink>>,
+    next_id: AtomicU64,
+    queue: usize,
+    metrics: Arc<Metrics>,
+}
+
+/// A reader's attachment; detaches on drop.
+pub struct Attachment {
+    pub rx: mpsc::Receiver<Delivery>,
+    hub: Arc<Hub>,
+    session_id: String,
+    id: u64,
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        let hub = self.hub.clone();
+        let session = std::mem::take(&mut self.session_id);
+        let id = self.id;
+        tokio::spawn(async move { hub.detach(&session, id).await });
+    }
+}
+
+impl Hub {
+    /// Starts the hub and its connection task.
+    pub fn start(redis_url: &str, queue: usize, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Hub>> {
+        let hub = Arc::new(Hub {
+            client: redis::Client::open(redis_url)?,
+            readers: Mutex::new(HashMap::new()),
+            sink: tokio::sync::Mutex::new(None),
+            next_id: AtomicU64::new(1),
+            queue,
+            metrics,
+        });
+        tokio::spawn(hub.clone().run());
+        Ok(hub)
+    }
+
+    /// Attaches a reader to `session_id`; subscribes the session when it is the first.
+    pub async fn attach(self: &Arc<Self>, session_id: &str) -> Attachment {
+        let (tx, rx) = mpsc::channel(self.queue);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut sink = self.sink.lock().await;
+        let first = {
+            let mut readers = self.readers.lock().unwrap();
+            let list = readers.entry(session_id.to_owned()).or_default();
+            list.push(Reader { id, tx });
+            list.len() == 1
+        };
+        if first {
+            if let Some(s) = sink.as_mut() {
+                let channel = keys::session_channel(session_id);
+                if let Err(e) = bounded(s.subscribe(&channel)).await {
+                    // The connection task re-subscribes every attached session when it reconnects.
+                    log::warn!("subscribe {channel} failed: {e}");
+                }
+            }
+        }
+        Attachment { rx, hub: self.clone(), session_id: session_id.to_owned(), id }
+    }
+
+    async fn detach(&self, session_id: &str, id: u64) {
+        let mut sink = self.sink.lock().await;
+        let last = {
+            let mut readers = self.readers.lock().unwrap();
+            match readers.get_mut(session_id) {
+                Some(list) => {
+                    list.retain(|r| r.id != id);
+                    let empty = list.is_empty();
+                    if empty {
+                        readers.remove(session_id);
+                    }
+                    empty
+                }
+                None => false,
+            }
+        };
+        if last {
+            if let Some(s) = sink.as_mut() {
+                let _ = bounded(s.unsubscribe(keys::session_channel(session_id))).await;
+            }
+        }
+    }
+
+    /// Sessions with readers attached here.
+    pub fn sessions(&self) -> usize {
+        self.readers.lock().unwrap().len()
+    }
+
+    /// Keeps a connection: connect, subscribe all, read until it drops, repeat.
+    async fn run(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(50);
+        let mut first = true;
+        loop {
+            let pubsub = match tokio::time::timeout(PUBSUB_TIMEOUT, self.client.get_async_pubsub()).await {
+                Ok(Ok(p)) => p,
+                failed => {
+                    let why = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "timed out".into(),
+                    };
+                    log::warn!("pub/sub connection failed, retrying in {backoff:?}: {why}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            };
+            let (mut sink, mut stream) = pubsub.split();
+            {
+                let mut current = self.sink.lock().await;
+                let sessions: Vec<String> = self.readers.lock().unwrap().keys().cloned().collect();
+                let mut ok = true;
+                for session in &sessions {
+                    if bounded(sink.subscribe(keys::session_channel(session))).await.is_err() {
+                        ok = false;
+                        break;
+                    }
+                }
+                if !ok {
+                    log::warn!("re-subscribing {} sessions failed; reconnecting", sessions.len());
+                    continue;
+                }
+                *current = Some(sink);
+            }
+            backoff = Duration::from_millis(50);
+            if !first {
+                self.metrics.pubsub_reconnects.inc();
+                log::info!("pub/sub reconnected; refilling every attached reader");
+                self.broadcast_refill();
+            }
+            first = false;
+            while let Some(msg) = stream.next().await {
+                let channel = msg.get_channel_name().to_owned();
+                let Ok(payload) = msg.get_payload::<String>() else { continue };
+                let Ok(event) = Event::from_json(&payload) else {
+                    log::warn!("unreadable event on {channel}");
+                    continue;
+                };
+                if let Some(session) = keys::session_of_channel(&channel) {
+                    self.deliver(session, Delivery::Event(Arc::new(event)));
+                }
+            }
+            log::warn!("pub/sub connection lost; reconnecting");
+            *self.sink.lock().await = None;
+        }
+    }
+
+    fn deliver(&self, session_id: &str, delivery: Delivery) {
+        let mut readers = self.readers.lock().unwrap();
+        if let Some(list) = readers.get_mut(session_id) {
+            list.retain(|r| match r.tx.try_send(delivery.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    // Dropping the sender ends the reader's queue: it closes with 1013.
+                    self.metrics.slow_consumers.inc();
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            });
+        }
+    }
+
+    fn broadcast_refill(&self) {
+        let sessions: Vec<String> = self.readers.lock().unwrap().keys().cloned().collect();
+        for session in sessions {
+            self.deliver(&session, Delivery::Refill);
+        }
+    }
+}
+
+async fn bounded<T>(f: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, String> {
+    match tokio::time::timeout(PUBSUB_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("timed out after {PUBSUB_TIMEOUT:?}")),
+    }
+}

@@ -1,0 +1,231 @@
+//! `GET /ws/chat?session_id=...`: one client socket.
+//!
+//! One task per socket runs a `select!` over the client's frames, the hub's
+//! deliveries, finished dispatches, a stall tick, a ping tick and shutdown.
+//! Dispatches run in their own tasks so a slow AI node never blocks the
+//! stream of another request on the same socket.
+
+use crate::api::{start_chat, ChatBody};
+use crate::follow::{Follower, ResumeError};
+use crate::hub::Delivery;
+use crate::nodes::Accepted;
+use crate::App;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chat_wire::Event;
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// Chats one socket may have in dispatch at once.
+const MAX_DISPATCHING: usize = 4;
+
+pub mod close {
+    /// The server is going away (shutdown, idle client).
+    pub const GOING_AWAY: u16 = 1001;
+    /// A frame larger than `limits.max_frame_bytes`.
+    pub const TOO_BIG: u16 = 1009;
+    /// The client read slower than its queue allows; it may reconnect and resume.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WsParams {
+    session_id: Option<String>,
+}
+
+/// What a client may send.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum ClientFrame {
+    Chat {
+        message: String,
+        #[serde(default)]
+        user_id: Option<String>,
+    },
+    Resume {
+        request_id: String,
+        #[serde(default)]
+        after_seq: u64,
+    },
+}
+
+pub async fn upgrade(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(params): Query<WsParams>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let session_id = params.session_id.unwrap_or_default();
+    if let Err(e) = chat_wire::validate_id("session_id", &session_id) {
+        return crate::api::ApiError::invalid(e).into_response();
+    }
+    if app.metrics.ws_active.get() as usize >= app.config.max_sockets || app.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        return crate::api::ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "this backend takes no more sockets")
+            .into_response();
+    }
+    let ip = app.limits.client_ip(peer, &headers);
+    let max = app.config.max_frame_bytes;
+    ws.max_message_size(max).max_frame_size(max).on_upgrade(move |socket| async move {
+        let tracker = app.sockets.clone();
+        tracker.track_future(serve(app, socket, session_id, ip)).await
+    })
+}
+
+/// Counts the socket in `ws_active` while it lives.
+struct Active(Arc<App>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.metrics.ws_active.dec();
+    }
+}
+
+async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr) {
+    app.metrics.ws_active.inc();
+    let _active = Active(app.clone());
+    let (mut tx, mut rx) = socket.split();
+    let mut attachment = app.hub.attach(&session_id).await;
+    let mut follower = Follower::new(app.replay.clone(), app.config.stall_timeout);
+    let (done_tx, mut done_rx) = mpsc::channel::<(String, Result<Accepted, crate::api::ApiError>)>(MAX_DISPATCHING);
+    let mut dispatching = 0usize;
+    let mut stall_tick = tokio::time::interval(crate::STALL_TICK);
+    let mut ping_tick = tokio::time::interval(app.config.ws_ping_interval);
+    let mut last_heard = Instant::now();
+    let shutdown = app.shutdown.clone();
+
+    let close = loop {
+        // Everything to send in this turn, in order.
+        let mut out: Vec<String> = Vec::new();
+        let mut events: Vec<Event> = Vec::new();
+        tokio::select! {
+            frame = rx.next() => {
+                last_heard = Instant::now();
+                match frame {
+                    None | Some(Ok(Message::Close(_))) => break None,
+                    Some(Err(e)) => {
+                        if e.to_string().contains("Space limit exceeded") {
+                            break Some((close::TOO_BIG, "frame too large"));
+                        }
+                        break None;
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Binary(_))) => out.push(invalid_frame("binary frames are not accepted; send JSON text")),
+                    Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientFrame>(&text) {
+                        Err(e) => out.push(invalid_frame(&format!("not a chat or resume frame: {e}"))),
+                        Ok(ClientFrame::Chat { message, user_id }) => {
+                            if dispatching >= MAX_DISPATCHING {
+                                out.push(error_frame(None, "rate_limited", "too many chats in flight on this socket"));
+                            } else {
+                                let request_id = chat_wire::new_request_id();
+                                follower.expect(&request_id);
+                                dispatching += 1;
+                                let body = ChatBody { session_id: session_id.clone(), message, user_id };
+                                let (app, done_tx) = (app.clone(), done_tx.clone());
+                                tokio::spawn(async move {
+                                    let result = start_chat(&app, ip, body, request_id.clone()).await;
+                                    let _ = done_tx.send((request_id, result)).await;
+                                });
+                            }
+                        }
+                        Ok(ClientFrame::Resume { request_id, after_seq }) => {
+                            if let Err(e) = chat_wire::validate_id("request_id", &request_id) {
+                                out.push(invalid_frame(&e.to_string()));
+                            } else {
+                                match follower.resume(&request_id, after_seq).await {
+                                    Ok(replayed) => {
+                                        app.metrics.events_replayed.inc_by(replayed.len() as u64);
+                                        events = replayed;
+                                    }
+                                    Err(ResumeError::UnknownRequest) => out.push(error_frame(Some(&request_id), "unknown_request", "no such request, or it expired")),
+                                    Err(ResumeError::StoreUnavailable) => out.push(error_frame(Some(&request_id), "store_unavailable", "the event store is unreachable; try again")),
+                                }
+                            }
+                        }
+                    },
+                }
+            }
+            delivery = attachment.rx.recv() => match delivery {
+                Some(Delivery::Event(e)) => events = follower.on_live(&e).await,
+                Some(Delivery::Refill) => events = follower.refill_all().await,
+                None => {
+                    log::warn!("session_id={session_id} socket too slow; closing");
+                    break Some((close::TRY_AGAIN_LATER, "reader too slow; reconnect and resume"));
+                }
+            },
+            Some((request_id, result)) = done_rx.recv() => {
+                dispatching -= 1;
+                match result {
+                    Ok(accepted) => {
+                        log::info!("request_id={request_id} session_id={session_id} node={} ws", accepted.node_url);
+                        out.push(json!({"type": "accepted", "request_id": request_id, "node": accepted.node_url, "node_id": accepted.node_id, "backend": app.config.backend_id}).to_string());
+                        events = follower.start(&request_id).await;
+                    }
+                    Err(e) => {
+                        follower.forget(&request_id);
+                        out.push(error_frame(Some(&request_id), e.code(), e.message()));
+                    }
+                }
+            }
+            _ = stall_tick.tick() => {
+                events = follower.check_stalls().await;
+                app.metrics.stalls.inc_by(events.iter().filter(|e| e.code.as_deref() == Some("node_failed")).count() as u64);
+            }
+            _ = ping_tick.tick() => {
+                if last_heard.elapsed() > app.config.ws_client_timeout {
+                    break Some((close::GOING_AWAY, "no frame from the client in time"));
+                }
+                out.push(String::new()); // a ping; see below
+            }
+            _ = shutdown.cancelled() => break Some((close::GOING_AWAY, "server shutting down")),
+        }
+        let mut messages: Vec<Message> = out
+            .into_iter()
+            .map(|s| if s.is_empty() { Message::Ping(Default::default()) } else { Message::Text(Utf8Bytes::from(s)) })
+            .collect();
+        for e in &events {
+            app.metrics.observe_delivery(e.ts_us);
+        }
+        messages.extend(events.iter().map(|e| Message::Text(Utf8Bytes::from(e.to_json()))));
+        if messages.is_empty() {
+            continue;
+        }
+        let send_all = async {
+            for m in messages {
+                tx.feed(m).await?;
+            }
+            tx.flush().await
+        };
+        match tokio::time::timeout(app.config.ws_send_timeout, send_all).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break None,
+            Err(_) => {
+                app.metrics.slow_consumers.inc();
+                break Some((close::TRY_AGAIN_LATER, "reader too slow; reconnect and resume"));
+            }
+        }
+    };
+    if let Some((code, reason)) = close {
+        let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
+        let _ = tokio::time::timeout(app.config.ws_send_timeout, tx.send(Message::Close(Some(frame)))).await;
+    }
+}
+
+fn error_frame(request_id: Option<&str>, code: &str, message: &str) -> String {
+    match request_id {
+        Some(id) => json!({"type": "error", "request_id": id, "code": code, "message": message}),
+        None => json!({"type": "error", "code": code, "message": message}),
+    }
+    .to_string()
+}
+
+fn invalid_frame(message: &str) -> String {
+    error_frame(None, "invalid_frame", message)
+}

@@ -1,0 +1,577 @@
+//! Test harness: the real `backend` and `ai-node` binaries on free ports, a real
+//! Redis, and the HTTP and WebSocket clients a user would hold.
+//!
+//! Every process logs to a file in its own temporary directory; when a test
+//! panics, the tail of each log is printed so the failure explains itself.
+#![allow(dead_code)]
+
+use chat_wire::{Event, EventKind};
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const BACKEND_BIN: &str = env!("CARGO_BIN_EXE_backend");
+
+/// Longest wait for one event of a stream.
+pub const EVENT_WAIT: Duration = Duration::from_secs(10);
+/// Longest wait for a whole stream, however many events it has.
+pub const STREAM_WAIT: Duration = Duration::from_secs(30);
+/// Longest wait for a process to answer `/health`.
+const READY_WAIT: Duration = Duration::from_secs(30);
+
+/// The shared Redis the tests use: `TEST_REDIS_URL`, else the machine's default.
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A unique id for this test's sessions and nodes, so tests never share keys.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", chat_wire::new_request_id())
+}
+
+/// A free port on 127.0.0.1 (bound and released; the process binds it again).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap()
+}
+
+/// Polls `check` until it holds or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// The `ai-node` binary next to `backend` in the target directory. It is a bin
+/// of another crate, so cargo does not build it for these tests: the first call
+/// in each test binary runs `cargo build -p ai-node` (a no-op when it is fresh,
+/// and it keeps a stale binary from being tested). If that build fails, an
+/// existing binary is used with a warning.
+pub fn ai_node_bin() -> PathBuf {
+    static BUILD: Once = Once::new();
+    let bin = Path::new(BACKEND_BIN).with_file_name(format!("ai-node{}", std::env::consts::EXE_SUFFIX));
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let built = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "ai-node"])
+            .current_dir(workspace)
+            .status()
+            .map(|status| status.success())
+            .unwrap_or(false);
+        if !built {
+            assert!(bin.exists(), "cargo build -p ai-node failed and there is no {}", bin.display());
+            eprintln!("warning: cargo build -p ai-node failed; using the existing {}", bin.display());
+        }
+    });
+    assert!(bin.exists(), "{} is missing", bin.display());
+    bin
+}
+
+/// A child process that is killed when dropped, with its output in a log file.
+struct Process {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+    /// Holds the config and log files for as long as the process lives.
+    dir: tempfile::TempDir,
+}
+
+impl Process {
+    fn spawn(name: &str, mut command: Command, dir: tempfile::TempDir) -> Process {
+        let log = dir.path().join(format!("{name}.log"));
+        let out = File::create(&log).unwrap();
+        command.stdin(Stdio::null()).stdout(out.try_clone().unwrap()).stderr(out);
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "info");
+        }
+        let child = command.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Process { name: name.to_owned(), child: Some(child), log, dir }
+    }
+
+    /// SIGKILL: the process gets no chance to say goodbye.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("process is running").id()
+    }
+
+    fn has_exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => child.try_wait().unwrap().is_some(),
+            None => true,
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let start = text.len().saturating_sub(4000);
+        let start = (start..text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(text.len());
+        text[start..].to_owned()
+    }
+
+    /// Polls `url` until it answers 200; panics with the log if the process dies
+    /// or stays silent.
+    async fn wait_ready(&mut self, url: &str) {
+        let deadline = Instant::now() + READY_WAIT;
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().unwrap();
+        loop {
+            if let Ok(res) = client.get(url).send().await {
+                if res.status() == 200 {
+                    return;
+                }
+            }
+            if self.has_exited() {
+                panic!("{} exited before it was ready:\n{}", self.name, self.log_tail());
+            }
+            if Instant::now() > deadline {
+                panic!("{} did not answer 200 on {url}:\n{}", self.name, self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("----- last lines of {} -----\n{}", self.name, self.log_tail());
+        }
+    }
+}
+
+/// How a synthetic AI node paces its answers.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    pub first_token_ms: u64,
+    pub tokens_per_second: f64,
+    pub answer_tokens: u64,
+}
+
+impl Pace {
+    /// About 0.4 s per answer: quick, yet long enough to be interrupted.
+    pub const QUICK: Pace = Pace { first_token_ms: 5, tokens_per_second: 50.0, answer_tokens: 20 };
+    /// 100 ms a piece: plenty of time to act between two chunks.
+    pub const SLOW: Pace = Pace { first_token_ms: 5, tokens_per_second: 10.0, answer_tokens: 30 };
+
+    /// Events of a complete answer: one chunk per piece, then `done`.
+    pub fn events(&self) -> u64 {
+        self.answer_tokens + 1
+    }
+}
+
+/// A real `ai-node` process with a synthetic engine.
+pub struct AiNode {
+    /// The URL the backend is given, `http://127.0.0.1:PORT`.
+    pub url: String,
+    pub node_id: String,
+    process: Process,
+}
+
+impl AiNode {
+    pub async fn start(redis_url: &str, pace: Pace) -> AiNode {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("ai-node.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nshutdown_grace_ms = 500\n\n[engine]\nkind = \"synthetic\"\n\n[engine.synthetic]\n\
+                 first_token_ms = {}\ntokens_per_second = {:.1}\nanswer_tokens = {}\n",
+                pace.first_token_ms, pace.tokens_per_second, pace.answer_tokens
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let node_id = unique("ai");
+        let mut command = Command::new(ai_node_bin());
+        command
+            .arg("--config")
+            .arg(&config)
+            .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+            .env("REDIS_URL", redis_url)
+            .env("NODE_ID", &node_id);
+        let mut process = Process::spawn("ai-node", command, dir);
+        let url = format!("http://127.0.0.1:{port}");
+        process.wait_ready(&format!("{url}/health")).await;
+        AiNode { url, node_id, process }
+    }
+
+    /// SIGKILL, as a crashed machine would.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+}
+
+/// Settings for a backend process, written to its config file.
+pub struct BackendBuilder {
+    redis_url: String,
+    ai_urls: Vec<String>,
+    /// section -> key -> TOML literal.
+    settings: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl BackendBuilder {
+    /// Sets `[section] key = value`; `value` is written as a TOML literal, so
+    /// strings must carry their own quotes.
+    pub fn set(mut self, section: &str, key: &str, value: impl std::fmt::Display) -> Self {
+        self.settings.entry(section.to_owned()).or_default().insert(key.to_owned(), value.to_string());
+        self
+    }
+
+    pub async fn start(self) -> Backend {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("backend.toml");
+        let mut text = String::new();
+        for (section, keys) in &self.settings {
+            text.push_str(&format!("[{section}]\n"));
+            for (key, value) in keys {
+                text.push_str(&format!("{key} = {value}\n"));
+            }
+            text.push('\n');
+        }
+        std::fs::write(&config, text).unwrap();
+
+        let port = free_port();
+        let metrics_port = free_port();
+        let backend_id = unique("backend");
+        let mut command = Command::new(BACKEND_BIN);
+        command
+            .arg("--config")
+            .arg(&config)
+            .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+            .env("METRICS_LISTEN_ADDR", format!("127.0.0.1:{metrics_port}"))
+            .env("REDIS_URL", &self.redis_url)
+            .env("AI_SERVICE_URLS", self.ai_urls.join(","))
+            .env("BACKEND_ID", &backend_id);
+        let mut process = Process::spawn("backend", command, dir);
+        let base = format!("http://127.0.0.1:{port}");
+        process.wait_ready(&format!("{base}/health")).await;
+        Backend { base, port, metrics_port, backend_id, process }
+    }
+}
+
+/// A real `backend` process.
+pub struct Backend {
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    pub port: u16,
+    pub metrics_port: u16,
+    pub backend_id: String,
+    process: Process,
+}
+
+impl Backend {
+    /// A backend in front of `nodes`, with health checks frequent enough for tests.
+    pub fn builder(redis_url: &str, nodes: &[&AiNode]) -> BackendBuilder {
+        Self::builder_for_urls(redis_url, nodes.iter().map(|n| n.url.clone()).collect())
+    }
+
+    pub fn builder_for_urls(redis_url: &str, ai_urls: Vec<String>) -> BackendBuilder {
+        BackendBuilder { redis_url: redis_url.to_owned(), ai_urls, settings: BTreeMap::new() }
+            .set("server", "shutdown_grace_ms", 500)
+            .set("ai", "health_interval_ms", 500)
+            .set("ai", "health_timeout_ms", 500)
+    }
+
+    pub async fn start(redis_url: &str, nodes: &[&AiNode]) -> Backend {
+        Self::builder(redis_url, nodes).start().await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn ws_url(&self, session_id: &str) -> String {
+        format!("ws://127.0.0.1:{}/ws/chat?session_id={session_id}", self.port)
+    }
+
+    pub fn metrics_url(&self) -> String {
+        format!("http://127.0.0.1:{}/metrics", self.metrics_port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    pub async fn ai_health(&self) -> Value {
+        let res = http().get(self.url("/api/ai-health")).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        res.json().await.unwrap()
+    }
+
+    /// Waits until the backend counts `n` healthy nodes (nodes start unhealthy
+    /// until their first check passes).
+    pub async fn wait_healthy_nodes(&self, n: u64) {
+        let healthy = eventually(Duration::from_secs(15), || async {
+            let res = http().get(self.url("/api/ai-health")).send().await;
+            match res {
+                Ok(res) => res.json::<Value>().await.map(|v| v["healthy_nodes"] == n).unwrap_or(false),
+                Err(_) => false,
+            }
+        })
+        .await;
+        assert!(healthy, "backend never saw {n} healthy nodes: {}", self.ai_health().await);
+    }
+
+    /// `POST /api/chat` with a JSON body.
+    pub async fn post_chat(&self, body: &Value) -> reqwest::Response {
+        http().post(self.url("/api/chat")).json(body).send().await.unwrap()
+    }
+
+    /// A chat that must be accepted; returns the 202 body.
+    pub async fn chat(&self, session_id: &str, message: &str) -> Accepted {
+        let res = self.post_chat(&json!({"session_id": session_id, "message": message})).await;
+        let status = res.status();
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(status, 202, "chat not accepted: {body}");
+        assert_eq!(body["status"], "accepted", "{body}");
+        assert_eq!(body["session_id"], session_id, "{body}");
+        Accepted {
+            request_id: body["request_id"].as_str().expect("request_id").to_owned(),
+            node: body["node"].as_str().expect("node").to_owned(),
+        }
+    }
+}
+
+/// What a backend answers when it takes a chat.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub request_id: String,
+    /// The AI node's URL, as configured.
+    pub node: String,
+}
+
+/// Asserts an error answer: the status, the backend's id header, and the one
+/// JSON error shape. Returns the error code.
+pub async fn assert_error(res: reqwest::Response, status: u16) -> String {
+    let got = res.status();
+    let backend_id = res.headers().get("x-backend-id").map(|v| v.to_str().unwrap().to_owned());
+    let text = res.text().await.unwrap();
+    assert_eq!(got, status, "expected {status}, got {got}: {text}");
+    assert!(backend_id.is_some(), "an error answer carries X-Backend-Id");
+    let body: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("error body is not JSON ({e}): {text}"));
+    let code = body["error"]["code"].as_str().unwrap_or_else(|| panic!("no error.code: {body}"));
+    assert!(!code.is_empty(), "{body}");
+    assert!(body["error"]["message"].is_string(), "no error.message: {body}");
+    code.to_owned()
+}
+
+/// Asserts `events` are one request's stream from `first_seq` on: consecutive
+/// seq, chunks only before the end, and a `done` at the end. Returns the text.
+pub fn assert_complete(events: &[Event], first_seq: u64) -> String {
+    assert!(!events.is_empty(), "no events");
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    let expected: Vec<u64> = (first_seq..first_seq + events.len() as u64).collect();
+    assert_eq!(seqs, expected, "seq must count on without gaps or repeats");
+    let (last, chunks) = events.split_last().unwrap();
+    assert!(chunks.iter().all(|e| e.kind == EventKind::Chunk), "only the last event ends the stream: {events:?}");
+    assert_eq!(last.kind, EventKind::Done, "the stream ends with done: {last:?}");
+    assert!(last.finish_reason.is_some(), "done carries a finish_reason: {last:?}");
+    chunks.iter().filter_map(|e| e.delta.clone()).collect()
+}
+
+/// A WebSocket client on `/ws/chat`.
+pub struct Ws {
+    socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Frames read ahead while waiting for a particular one (an `accepted`
+    /// may trail the first chunks of its request).
+    pending: VecDeque<Value>,
+}
+
+impl Ws {
+    pub async fn connect(backend: &Backend, session_id: &str) -> Ws {
+        let connecting = tokio_tungstenite::connect_async(backend.ws_url(session_id));
+        let (socket, response) = tokio::time::timeout(EVENT_WAIT, connecting)
+            .await
+            .expect("WebSocket upgrade timed out")
+            .expect("WebSocket upgrade failed");
+        assert_eq!(response.status(), 101);
+        Ws { socket, pending: VecDeque::new() }
+    }
+
+    pub async fn send_json(&mut self, frame: Value) {
+        self.send(Message::text(frame.to_string())).await;
+    }
+
+    pub async fn send(&mut self, message: Message) {
+        tokio::time::timeout(EVENT_WAIT, self.socket.send(message)).await.expect("send timed out").unwrap();
+    }
+
+    /// The next JSON text frame; panics on a close, an error or a timeout.
+    pub async fn next_json(&mut self, within: Duration) -> Value {
+        if let Some(frame) = self.pending.pop_front() {
+            return frame;
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let message = tokio::time::timeout_at(deadline, self.socket.next())
+                .await
+                .expect("no frame in time")
+                .expect("socket ended")
+                .expect("socket failed");
+            match message {
+                Message::Text(text) => {
+                    return serde_json::from_str(text.as_str())
+                        .unwrap_or_else(|e| panic!("server sent non-JSON text ({e}): {text}"))
+                }
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+
+    /// Sends a `chat` frame and returns the `accepted` answer.
+    pub async fn chat(&mut self, message: &str) -> Accepted {
+        self.send_json(json!({"type": "chat", "message": message})).await;
+        let mut early = Vec::new();
+        let accepted = loop {
+            let frame = self.next_json(EVENT_WAIT).await;
+            match frame["type"].as_str() {
+                Some("accepted") => break frame,
+                Some("chunk" | "done" | "error") if frame["request_id"].is_string() => early.push(frame),
+                _ => panic!("expected accepted, got {frame}"),
+            }
+        };
+        self.pending.extend(early);
+        Accepted {
+            request_id: accepted["request_id"].as_str().unwrap_or_else(|| panic!("{accepted}")).to_owned(),
+            node: accepted["node"].as_str().unwrap_or_else(|| panic!("{accepted}")).to_owned(),
+        }
+    }
+
+    pub async fn resume(&mut self, request_id: &str, after_seq: u64) {
+        self.send_json(json!({"type": "resume", "request_id": request_id, "after_seq": after_seq})).await;
+    }
+
+    /// The next event of `request_id`, skipping frames about other requests.
+    pub async fn next_event(&mut self, request_id: &str, within: Duration) -> Event {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let frame = self.next_json(left).await;
+            let is_event = matches!(frame["type"].as_str(), Some("chunk" | "done" | "error"));
+            if is_event && frame["request_id"] == request_id {
+                return Event::from_json(&frame.to_string()).unwrap_or_else(|e| panic!("bad event ({e}): {frame}"));
+            }
+        }
+    }
+
+    /// Every event of `request_id` up to and including the one that ends it.
+    pub async fn until_end(&mut self, request_id: &str) -> Vec<Event> {
+        let deadline = Instant::now() + STREAM_WAIT;
+        let mut events = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now()).min(EVENT_WAIT);
+            let event = self.next_event(request_id, left).await;
+            let end = event.is_terminal();
+            events.push(event);
+            if end {
+                return events;
+            }
+        }
+    }
+
+    /// Asserts that no frame arrives within `quiet`.
+    pub async fn assert_silent(&mut self, quiet: Duration) {
+        if let Some(frame) = self.pending.pop_front() {
+            panic!("unexpected frame {frame}");
+        }
+        if let Ok(Some(message)) = tokio::time::timeout(quiet, self.socket.next()).await {
+            panic!("unexpected frame {message:?}");
+        }
+    }
+
+    /// Reads until the server's close frame and returns it.
+    pub async fn close_frame(&mut self, within: Duration) -> Option<CloseFrame> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let message = tokio::time::timeout_at(deadline, self.socket.next()).await.expect("no close in time");
+            match message {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("socket failed without a close frame: {e}"),
+                None => panic!("socket ended without a close frame"),
+            }
+        }
+    }
+
+    /// Drops the connection the way a lost network would: no close handshake.
+    pub fn drop_abruptly(self) {
+        drop(self.socket);
+    }
+}
+
+/// A `redis-server` of the test's own, for tests that disturb Redis.
+pub struct OwnRedis {
+    pub port: u16,
+    child: Child,
+}
+
+impl OwnRedis {
+    pub fn start() -> OwnRedis {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed");
+        let redis = OwnRedis { port, child };
+        let client = redis::Client::open(redis.url()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(500)) {
+                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
+                    return redis;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server on port {port} did not answer");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `CLIENT KILL TYPE pubsub`; returns how many connections were killed.
+    pub fn kill_pubsub_clients(&self) -> u64 {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_connection_with_timeout(Duration::from_secs(2)).unwrap();
+        redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query(&mut conn).unwrap()
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,167 @@
+//! Client connections in front of Pingora's HTTP proxy: the connection
+//! limit, the nginx `stub_status` connection counts, keepalive, and the
+//! whole-header deadline that cuts slowloris clients (Pingora's own read
+//! timeout restarts on every byte, so a trickling client would never time out).
+
+use std::any::Any;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora_core::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::Stream;
+use pingora_core::server::ShutdownWatch;
+
+use crate::State;
+
+/// Marks that a request's header has been read, so the deadline no longer
+/// applies. Handed to the proxy through the session's connection context;
+/// Pingora returns it to [`crate::edge::Edge`] right after the header is read.
+pub struct HeaderToken {
+    /// Set once the header has been read (or the request ended).
+    done: AtomicBool,
+    /// Whether this request counts as `Reading` in `stub_status` until done.
+    counted_reading: bool,
+    /// Where `Reading` is counted.
+    state: Arc<State>,
+}
+
+impl HeaderToken {
+    /// Records that the header phase is over (idempotent).
+    pub fn finish(&self) {
+        if !self.done.swap(true, Ordering::AcqRel) && self.counted_reading {
+            self.state.stats.reading.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+}
+
+/// Marker kept between requests of one connection, so the next request
+/// knows it arrives on a reused (keepalive) connection.
+pub struct Reused;
+
+/// The per-connection layer: limit and counts, then the HTTP layer.
+pub struct Connections<A> {
+    /// The per-request layer.
+    requests: Arc<Requests<A>>,
+}
+
+impl<A> Connections<A> {
+    /// Wraps `proxy` (Pingora's `HttpProxy`).
+    pub fn new(proxy: A, state: Arc<State>) -> Self {
+        Self { requests: Arc::new(Requests { proxy: Arc::new(proxy), state }) }
+    }
+}
+
+/// Decrements the open-connection count when a connection ends, however.
+struct OpenConnection(Arc<State>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.stats.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.connections_active.dec();
+    }
+}
+
+#[async_trait]
+impl<A> ServerApp for Connections<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let state = &self.requests.state;
+        state.stats.accepts.fetch_add(1, Ordering::Relaxed);
+        state.metrics.connections_accepted.inc();
+        let open = state.stats.active.fetch_add(1, Ordering::Relaxed) + 1;
+        state.metrics.connections_active.inc();
+        let guard = OpenConnection(state.clone());
+        if open as usize > state.config.client.max_connections {
+            // Like nginx: accepted, not handled, closed without an answer.
+            state.metrics.rejected.with_label_values(&["connection_limit"]).inc();
+            log::warn!("connection limit {} reached, closing a new connection", state.config.client.max_connections);
+            return None;
+        }
+        state.stats.handled.fetch_add(1, Ordering::Relaxed);
+        let out = self.requests.process_new(stream, shutdown).await;
+        drop(guard);
+        out
+    }
+
+    async fn cleanup(&self) {
+        self.requests.proxy.http_cleanup().await;
+    }
+}
+
+/// The per-request layer in front of the proxy.
+pub struct Requests<A> {
+    /// Pingora's HTTP proxy.
+    proxy: Arc<A>,
+    /// Shared state (config, counters).
+    state: Arc<State>,
+}
+
+#[async_trait]
+impl<A> HttpServerApp for Requests<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        let client = &self.state.config.client;
+        let reused =
+            session.take_connection_user_context().is_some_and(|ctx: Box<dyn Any + Send + Sync>| ctx.is::<Reused>());
+        if *shutdown.borrow() || client.keepalive_timeout.is_zero() {
+            session.set_keepalive(None);
+        } else {
+            session.set_keepalive(Some(client.keepalive_timeout.as_secs().max(1)));
+        }
+        session.set_read_timeout(Some(client.header_timeout));
+
+        // A reused connection may first sit idle for the keepalive time.
+        let deadline = if reused { client.keepalive_timeout + client.header_timeout } else { client.header_timeout };
+        if !reused {
+            self.state.stats.reading.fetch_add(1, Ordering::Relaxed);
+        }
+        let token =
+            Arc::new(HeaderToken { done: AtomicBool::new(false), counted_reading: !reused, state: self.state.clone() });
+        session.set_connection_user_context(Some(Box::new(token.clone())));
+
+        let request = self.proxy.process_new_http(session, shutdown);
+        tokio::pin!(request);
+        let out = tokio::select! {
+            out = &mut request => out,
+            _ = tokio::time::sleep(deadline) => {
+                if token.is_done() {
+                    request.await
+                } else {
+                    if !reused {
+                        self.state.metrics.rejected.with_label_values(&["header_timeout"]).inc();
+                        log::info!("request header not complete within {:?}, closing", client.header_timeout);
+                    }
+                    None
+                }
+            }
+        };
+        token.finish();
+        out
+    }
+
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        self.proxy.server_options()
+    }
+
+    fn h2_options(&self) -> Option<pingora_core::protocols::http::v2::server::H2Options> {
+        self.proxy.h2_options()
+    }
+
+    async fn http_cleanup(&self) {
+        self.proxy.http_cleanup().await;
+    }
+}

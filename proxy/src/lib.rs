@@ -1,0 +1,137 @@
+//! The edge proxy: a Pingora server with the public listener (plain and
+//! optional TLS) routing by path prefix to upstream groups with sticky
+//! ketama hashing, active and passive health checks, live upstream reload on
+//! `SIGHUP`, limits, and a separate status listener.
+//!
+//! `main.rs` only parses flags and calls [`run`]; everything else is here.
+
+pub mod config;
+pub mod connections;
+pub mod edge;
+pub mod health;
+pub mod limits;
+pub mod metrics;
+pub mod reload;
+pub mod status;
+pub mod sticky;
+pub mod upstreams;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::Server;
+use pingora_core::services::background::background_service;
+use pingora_core::services::listening::Service;
+
+use crate::config::{Config, Overrides};
+use crate::connections::Connections;
+use crate::edge::Edge;
+use crate::health::HealthChecker;
+use crate::limits::RateLimiter;
+use crate::metrics::{ConnectionStats, Metrics};
+use crate::reload::Reloader;
+use crate::status::StatusApp;
+use crate::upstreams::Upstreams;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The TLS listener could not be set up.
+    #[error("tls listener {addr}: {reason}")]
+    Tls { addr: String, reason: String },
+    /// A runtime for start-up work could not be created.
+    #[error("start-up runtime: {0}")]
+    Runtime(#[from] std::io::Error),
+}
+
+/// Everything the services share.
+pub struct State {
+    /// The checked configuration the process started with (upstream groups
+    /// carry their own, reloadable copy).
+    pub config: Config,
+    /// Upstream groups with their rings and backend health.
+    pub upstreams: Upstreams,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    /// nginx `stub_status` counters.
+    pub stats: ConnectionStats,
+    /// Per-client request rate limit.
+    pub limiter: RateLimiter,
+}
+
+impl State {
+    /// Builds the shared state (resolves upstream names once).
+    pub async fn new(config: Config) -> Arc<Self> {
+        let upstreams = Upstreams::new(&config.upstreams).await;
+        let limiter = RateLimiter::new(config.client.requests_per_second);
+        Arc::new(Self { config, upstreams, metrics: Metrics::new(), stats: ConnectionStats::default(), limiter })
+    }
+}
+
+/// How the process was started, beyond the configuration itself.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The configuration file, read again on `SIGHUP`.
+    pub config_path: PathBuf,
+    /// Environment and command-line overrides, applied again on reload.
+    pub overrides: Overrides,
+    /// Take the listeners over from a running proxy (graceful upgrade).
+    pub upgrade: bool,
+    /// Detach into the background.
+    pub daemon: bool,
+}
+
+/// Pingora's server settings, from our configuration (no YAML).
+pub fn server_conf(config: &Config, daemon: bool) -> ServerConf {
+    let s = &config.server;
+    ServerConf {
+        threads: s.threads,
+        daemon,
+        pid_file: s.pid_file.clone(),
+        upgrade_sock: s.upgrade_sock.clone(),
+        grace_period_seconds: Some(s.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(s.shutdown_timeout.as_secs()),
+        upstream_keepalive_pool_size: s.upstream_keepalive_pool,
+        max_retries: s.max_retries + 1,
+        ..ServerConf::default()
+    }
+}
+
+/// Starts the proxy and serves until a signal ends it (never returns on
+/// success: Pingora exits the process).
+pub fn run(config: Config, options: RunOptions) -> Result<(), ProxyError> {
+    reload::catch_sighup_early();
+    let startup = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let state = startup.block_on(State::new(config.clone()));
+    drop(startup);
+
+    let opt = Opt { upgrade: options.upgrade, daemon: options.daemon, ..Opt::default() };
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf(&config, options.daemon));
+    server.bootstrap();
+
+    let reloader = Reloader::new(options.config_path.clone(), options.overrides.clone(), state.clone());
+    server.add_service(background_service("reload", reloader));
+    server.add_service(background_service("health checks", HealthChecker::new(state.clone())));
+
+    let proxy = pingora_proxy::http_proxy(&server.configuration, Edge::new(state.clone()));
+    let mut public = Service::new("proxy".to_string(), Connections::new(proxy, state.clone()));
+    public.add_tcp(&config.listen.public.to_string());
+    if let Some(tls) = &config.listen.tls {
+        let addr = tls.addr.to_string();
+        public
+            .add_tls(&addr, &tls.cert.to_string_lossy(), &tls.key.to_string_lossy())
+            .map_err(|e| ProxyError::Tls { addr: addr.clone(), reason: e.to_string() })?;
+    }
+    server.add_service(public);
+
+    let mut status = Service::new("status".to_string(), StatusApp::new(state));
+    status.add_tcp(&config.listen.status.to_string());
+    server.add_service(status);
+
+    log::info!("proxy listening on {} (status on {})", config.listen.public, config.listen.status);
+    server.run_forever()
+}

@@ -1,0 +1,408 @@
+//! End-to-end tests: the real proxy binary in front of real axum backends,
+//! driven over real sockets from many 127.0.0.0/8 source addresses.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Which backend each of `n` client addresses reaches.
+async fn backends_by_client(proxy: &Proxy, n: u32) -> HashMap<u32, String> {
+    let mut out = HashMap::new();
+    for i in 0..n {
+        let r = get_from(client_ip(i), proxy.public, "/api/whoami", &[]).await.unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        out.insert(i, r.backend());
+    }
+    out
+}
+
+fn three_backends() -> Vec<Backend> {
+    vec![Backend::start("b1"), Backend::start("b2"), Backend::start("b3")]
+}
+
+fn addrs(backends: &[Backend]) -> Vec<SocketAddr> {
+    backends.iter().map(|b| b.addr).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_client_ip_always_reaches_the_same_backend_and_clients_spread_evenly() {
+    let backends = three_backends();
+    let proxy = Proxy::start(&addrs(&backends), ProxyOptions::default()).await;
+
+    let first = backends_by_client(&proxy, 1000).await;
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for b in first.values() {
+        *counts.entry(b).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    for (b, n) in &counts {
+        assert!((283..=383).contains(n), "backend {b} got {n} of 1000 clients: {counts:?}");
+    }
+    // Again, and again: every client lands where it did.
+    for i in (0..1000).step_by(7) {
+        for _ in 0..2 {
+            let r = get_from(client_ip(i), proxy.public, "/api/again", &[]).await.unwrap();
+            assert_eq!(r.backend(), first[&i], "client {i} moved");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_backends_clients_move_the_others_stay_and_it_comes_back() {
+    let mut backends = three_backends();
+    let proxy = Proxy::start(&addrs(&backends), ProxyOptions::default()).await;
+    let before = backends_by_client(&proxy, 300).await;
+
+    backends[1].stop();
+    proxy.wait_for_health(backends[1].addr, "down").await;
+    let during = backends_by_client(&proxy, 300).await;
+    for (i, b) in &before {
+        if b == "b2" {
+            assert_ne!(during[i], "b2", "client {i} still on the stopped backend");
+        } else {
+            assert_eq!(&during[i], b, "client {i} moved although its backend is up");
+        }
+    }
+
+    backends[1].restart();
+    proxy.wait_for_health(backends[1].addr, "up").await;
+    let after = backends_by_client(&proxy, 300).await;
+    assert_eq!(after, before, "clients did not return to the restored backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_connect_retries_on_the_next_backend_and_passive_checks_take_it_out() {
+    let mut backends = three_backends();
+    let options = ProxyOptions {
+        // Active checks too slow to notice: only retries and passive checks act.
+        health: "interval = \"1h\"\n".into(),
+        upstream: "max_fails = 2\nfail_timeout = \"30s\"\n".into(),
+        ..Default::default()
+    };
+    let proxy = Proxy::start(&addrs(&backends), options).await;
+    let before = backends_by_client(&proxy, 60).await;
+    backends[0].stop();
+
+    // Every request still succeeds, served by the next backend on the ring.
+    let during = backends_by_client(&proxy, 60).await;
+    for (i, b) in &before {
+        if b != "b1" {
+            assert_eq!(&during[i], b);
+        } else {
+            assert_ne!(during[i], "b1");
+        }
+    }
+    let health = proxy.health().await;
+    assert_eq!(health[&backends[0].addr.to_string()], "failed", "{health:?}");
+    let metrics = get(proxy.status, "/metrics").await.unwrap().body;
+    assert!(metrics.contains("proxy_upstream_retries_total{upstream=\"backends\"}"), "{metrics}");
+    assert!(metrics.contains("proxy_upstream_passive_ejections_total{upstream=\"backends\"} 1"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_is_believed_only_from_trusted_proxies() {
+    let backends = three_backends();
+    let options = ProxyOptions {
+        client: "trusted_proxies = [\"127.0.0.2/32\"]\n".into(),
+        ..Default::default()
+    };
+    let proxy = Proxy::start(&addrs(&backends), options).await;
+    let untrusted: IpAddr = "127.0.0.3".parse().unwrap();
+    let trusted: IpAddr = "127.0.0.2".parse().unwrap();
+
+    let plain = get_from(untrusted, proxy.public, "/api/x", &[]).await.unwrap();
+    let mut seen_trusted = HashSet::new();
+    for i in 0..40 {
+        let forged = format!("10.9.{i}.1");
+        let r = get_from(
+            untrusted,
+            proxy.public,
+            "/api/x",
+            &[("X-Forwarded-For", &forged), ("X-Real-IP", &forged)],
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.backend(), plain.backend(), "a forged header moved the client");
+        assert_eq!(r.json()["x_real_ip"], "127.0.0.3");
+        assert_eq!(r.json()["x_forwarded_for"], "127.0.0.3");
+
+        let r = get_from(trusted, proxy.public, "/api/x", &[("X-Forwarded-For", &forged)])
+            .await
+            .unwrap();
+        assert_eq!(r.json()["x_real_ip"], forged.as_str());
+        assert_eq!(r.json()["x_forwarded_for"], format!("{forged}, 127.0.0.2").as_str());
+        seen_trusted.insert(r.backend());
+    }
+    assert!(seen_trusted.len() > 1, "a trusted proxy's clients all went to one backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_to_the_backend_and_the_request_id_round_trip() {
+    let backends = vec![Backend::start("only")];
+    let proxy = Proxy::start(&addrs(&backends), ProxyOptions::default()).await;
+
+    let r = get(proxy.public, "/api/headers").await.unwrap();
+    let id = r.headers.get("x-request-id").cloned().expect("x-request-id returned");
+    assert!(!id.is_empty());
+    let seen = r.json();
+    assert_eq!(seen["x_request_id"], id.as_str());
+    assert_eq!(seen["x_forwarded_proto"], "http");
+    assert_eq!(seen["x_real_ip"], "127.0.0.1");
+    assert_eq!(r.backend(), "only");
+
+    let r = get_from(
+        "127.0.0.1".parse().unwrap(),
+        proxy.public,
+        "/api/headers",
+        &[("X-Request-Id", "r-given-42")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.headers["x-request-id"], "r-given-42");
+    assert_eq!(r.json()["x_request_id"], "r-given-42");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrouted_paths_are_answered_404_by_the_proxy() {
+    let backends = vec![Backend::start("only")];
+    let options = ProxyOptions {
+        routes: "[[routes]]\nprefix = \"/api/\"\nupstream = \"backends\"\n".into(),
+        ..Default::default()
+    };
+    let proxy = Proxy::start(&addrs(&backends), options).await;
+    let r = get(proxy.public, "/elsewhere").await.unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"]["code"], "not_found");
+    assert!(r.headers.contains_key("x-request-id"));
+    assert_eq!(get(proxy.public, "/api/x").await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_echoes_through_the_proxy_and_an_idle_socket_outlives_http_timeouts() {
+    let backends = vec![Backend::start("ws1")];
+    let options = ProxyOptions {
+        client: "header_timeout = \"1s\"\nbody_timeout = \"1s\"\nkeepalive_timeout = \"1s\"\n".into(),
+        upstream: "read_timeout = \"1s\"\n".into(),
+        ws_idle: "30s".into(),
+        ..Default::default()
+    };
+    let proxy = Proxy::start(&addrs(&backends), options).await;
+    let url = format!("ws://{}/ws/chat?session_id=s-1", proxy.public);
+    let (mut ws, response) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    assert!(response.headers().contains_key("x-request-id"));
+
+    ws.send(Message::Text("hello".into())).await.unwrap();
+    let echoed = ws.next().await.unwrap().unwrap();
+    assert_eq!(echoed.into_text().unwrap().as_str(), "ws1:hello");
+    let metrics = get(proxy.status, "/metrics").await.unwrap().body;
+    assert!(metrics.contains("proxy_websockets_active 1"), "{metrics}");
+
+    // Idle for three times every HTTP timeout, then still alive both ways.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ws.send(Message::Text("still there".into())).await.unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(echoed.into_text().unwrap().as_str(), "ws1:still there");
+    ws.close(None).await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_new_upstream_list_and_open_websockets_stay_up() {
+    let first = Backend::start("old");
+    let mut options = ProxyOptions::default();
+    let mut proxy = Proxy::start(&[first.addr], options.clone()).await;
+    let url = format!("ws://{}/ws/chat", proxy.public);
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    ws.send(Message::Text("a".into())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap().into_text().unwrap().as_str(), "old:a");
+
+    let second = Backend::start("new");
+    options.upstream = String::new();
+    proxy.rewrite_config(&[first.addr, second.addr], &options);
+    proxy.hangup();
+    proxy.wait_for_health(second.addr, "up").await;
+    assert!(proxy.is_running());
+
+    let reached: HashSet<String> = backends_by_client(&proxy, 60).await.into_values().collect();
+    assert!(reached.contains("new"), "the new backend got no traffic: {reached:?}");
+    ws.send(Message::Text("b".into())).await.unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(echoed.into_text().unwrap().as_str(), "old:b");
+
+    // A broken file changes nothing and keeps the proxy up.
+    std::fs::write(&proxy.config_path, "[upstreams.backends]\nservers = []\n").unwrap();
+    proxy.hangup();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(proxy.is_running());
+    assert_eq!(proxy.health().await.len(), 2);
+}
+
+fn check_config(text: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_proxy"))
+        .args(["--config", path.to_str().unwrap(), "--test"])
+        .env_remove("PROXY_LISTEN")
+        .env_remove("PROXY_STATUS_LISTEN")
+        .env_remove("PROXY_BACKENDS")
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn config_test_rejects_bad_files_naming_file_key_and_line() {
+    let good = "[upstreams.backends]\nservers = [\"127.0.0.1:1\"]\n";
+    assert_eq!(check_config(good), (true, String::new()));
+
+    let (ok, err) = check_config("[listen]\npublik = \"0.0.0.0:8080\"\n");
+    assert!(!ok);
+    assert!(err.contains("p.toml") && err.contains("line 2") && err.contains("publik"), "{err}");
+
+    let (ok, err) = check_config("[listen]\npublic = \"0.0.0.0:80800\"\n");
+    assert!(!ok);
+    assert!(err.contains("p.toml:2: listen.public"), "{err}");
+
+    let (ok, err) = check_config("[listen]\nstatus = \"127.0.0.1:8090\"\n\n[upstreams.backends]\nservers = []\n");
+    assert!(!ok);
+    assert!(err.contains("p.toml:5: upstreams.backends.servers"), "{err}");
+
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/proxy.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_proxy"))
+        .args(["--config", shipped, "--test"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_status_has_nginx_format_and_its_counters_move() {
+    let backends = vec![Backend::start("only")];
+    let proxy = Proxy::start(&addrs(&backends), ProxyOptions::default()).await;
+    let r = get(proxy.status, "/nginx-status").await.unwrap();
+    assert_eq!(r.status, 200);
+    let before = parse_stub_status(&r.body).unwrap_or_else(|| panic!("not stub_status: {:?}", r.body));
+    for _ in 0..5 {
+        assert_eq!(get(proxy.public, "/api/x").await.unwrap().status, 200);
+    }
+    let after = parse_stub_status(&get(proxy.status, "/nginx-status").await.unwrap().body).unwrap();
+    assert_eq!(after[1], before[1] + 5, "accepts");
+    assert_eq!(after[2], before[2] + 5, "handled");
+    assert_eq!(after[3], before[3] + 5, "requests");
+    assert_eq!(after[0], after[4] + after[5] + after[6], "active = reading + writing + waiting");
+
+    let upstreams = proxy.upstreams().await;
+    assert_eq!(upstreams["upstreams"][0]["name"], "backends");
+    assert_eq!(upstreams["upstreams"][0]["backends"][0]["health"], "up");
+    let metrics = get(proxy.status, "/metrics").await.unwrap().body;
+    for name in [
+        "proxy_requests_total{status=\"200\",upstream=\"backends\"} 5",
+        "proxy_request_duration_seconds_bucket",
+        "proxy_upstream_up{backend=",
+        "proxy_websockets_active 0",
+    ] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+    // The status endpoints are not on the public listener.
+    let public = get(proxy.public, "/nginx-status").await.unwrap();
+    assert_eq!(public.backend(), "only");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clean_4xx_or_close_and_the_proxy_keeps_serving() {
+    let backends = vec![Backend::start("only")];
+    let options = ProxyOptions {
+        client: "header_timeout = \"1s\"\nbody_timeout = \"1s\"\nmax_body_bytes = 1000\n".into(),
+        ..Default::default()
+    };
+    let proxy = Proxy::start(&addrs(&backends), options).await;
+    let me: IpAddr = "127.0.0.1".parse().unwrap();
+    let status_of = |raw: &[u8]| parse_response(raw).map(|r| r.status);
+
+    // Malformed request line.
+    let out = raw_exchange(me, proxy.public, b"THIS IS NOT HTTP\r\n\r\n", Duration::from_secs(5)).await.unwrap();
+    assert!(matches!(status_of(&out), None | Some(400..=499)), "{:?}", String::from_utf8_lossy(&out));
+
+    // Oversized header: over Pingora's 1 MiB header limit.
+    let mut big = b"GET /api/x HTTP/1.1\r\nHost: t\r\nX-Big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 1_100_000));
+    big.extend_from_slice(b"\r\n\r\n");
+    let out = raw_exchange(me, proxy.public, &big, Duration::from_secs(5)).await;
+    if let Ok(out) = out {
+        assert!(matches!(status_of(&out), None | Some(400..=499)), "{:?}", status_of(&out));
+    }
+
+    // Oversized body, announced and chunked.
+    let body = vec![b'x'; 5000];
+    let r = request_from(me, proxy.public, "POST", "/api/chat", &[], &body).await.unwrap();
+    assert_eq!(r.status, 413);
+    let mut chunked = b"POST /api/chat HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    for _ in 0..5 {
+        chunked.extend_from_slice(b"3e8\r\n");
+        chunked.extend(std::iter::repeat_n(b'y', 1000));
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let out = raw_exchange(me, proxy.public, &chunked, Duration::from_secs(5)).await.unwrap_or_default();
+    assert!(matches!(status_of(&out), None | Some(413)), "{:?}", status_of(&out));
+
+    // A body that stalls: 408.
+    let out = raw_exchange(
+        me,
+        proxy.public,
+        b"POST /api/chat HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nonly-a-little",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status_of(&out), Some(408), "{:?}", String::from_utf8_lossy(&out));
+
+    // Slowloris: a header trickled a byte at a time is cut at the header deadline.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    let mut slow = socket.connect(proxy.public).await.unwrap();
+    let started = Instant::now();
+    let mut cut = false;
+    for b in b"GET /api/x HTTP/1.1\r\nHost: t\r\nX-Slow: ".iter().chain(std::iter::repeat(&b'z')) {
+        if slow.write_all(&[*b]).await.is_err() {
+            cut = true;
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(6) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(cut, "a slowloris client was not cut");
+    assert!(started.elapsed() < Duration::from_secs(4), "cut too late: {:?}", started.elapsed());
+
+    // And the proxy still serves.
+    assert_eq!(get(proxy.public, "/api/x").await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_its_request_rate_gets_429() {
+    let backends = vec![Backend::start("only")];
+    let options = ProxyOptions {
+        client: "requests_per_second = 5\n".into(),
+        ..Default::default()
+    };
+    let proxy = Proxy::start(&addrs(&backends), options).await;
+    let me: IpAddr = "127.0.0.9".parse().unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        statuses.push(get_from(me, proxy.public, "/api/x", &[]).await.unwrap().status);
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(statuses.contains(&200), "{statuses:?}");
+    // Another client is not affected.
+    let other = get_from("127.0.0.10".parse().unwrap(), proxy.public, "/api/x", &[]).await.unwrap();
+    assert_eq!(other.status, 200);
+}
