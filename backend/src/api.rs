@@ -30,6 +30,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/ai-health", get(ai_health))
         .route("/ws/chat", get(ws::upgrade))
         .route("/health", get(health))
+        .route("/", get(page))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(app.config.max_body_bytes))
         .layer(middleware::from_fn(access_log))
@@ -229,6 +230,11 @@ async fn health(State(app): State<Arc<App>>) -> Response {
     });
     let status = if draining { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     (status, Json(body)).into_response()
+}
+
+/// The chat page: one self-contained file, compiled in, no front-end build.
+async fn page() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("../static/index.html"))
 }
 
 async fn not_found() -> ApiError {

@@ -121,16 +121,15 @@ impl Backend {
             .enable_all()
             .build()
             .unwrap();
-        let listener = runtime.block_on(async {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                match tokio::net::TcpListener::bind(addr).await {
-                    Ok(l) => return l,
-                    Err(e) if Instant::now() > deadline => panic!("bind {addr}: {e}"),
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match std::net::TcpListener::bind(addr) {
+                Ok(l) => break l,
+                Err(e) if Instant::now() > deadline => panic!("bind {addr}: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
-        });
+        };
+        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let app = Router::new()
             .route("/health", route_get(health))
@@ -138,6 +137,7 @@ impl Backend {
             .fallback(describe)
             .with_state(info);
         runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             axum::serve(listener, app).await.ok();
         });
         Self {
