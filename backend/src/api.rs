@@ -101,7 +101,9 @@ impl From<DispatchError> for ApiError {
     fn from(e: DispatchError) -> Self {
         match e {
             DispatchError::Deadline(_) => ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", e.to_string()),
-            DispatchError::NoNode { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_node_available", e.to_string()),
+            DispatchError::NoNode { .. } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_node_available", e.to_string())
+            }
             DispatchError::Rejected { .. } => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()),
         }
     }
@@ -116,7 +118,12 @@ pub struct ChatBody {
 }
 
 /// Validates, rate-limits and dispatches one chat; the request id is fixed here.
-pub async fn start_chat(app: &App, ip: std::net::IpAddr, body: ChatBody, request_id: String) -> Result<crate::nodes::Accepted, ApiError> {
+pub async fn start_chat(
+    app: &App,
+    ip: std::net::IpAddr,
+    body: ChatBody,
+    request_id: String,
+) -> Result<crate::nodes::Accepted, ApiError> {
     let result = async {
         chat_wire::validate_id("session_id", &body.session_id).map_err(ApiError::invalid)?;
         chat_wire::validate_message(&body.message).map_err(ApiError::invalid)?;
@@ -148,10 +155,8 @@ async fn chat(
     let Json(body) = payload?;
     let ip = app.limits.client_ip(peer, &headers);
     let request_id = chat_wire::new_request_id();
-    let wants_sse = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/event-stream"));
+    let wants_sse =
+        headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
     if wants_sse {
         // Attach before dispatching so no event can pass unseen.
         chat_wire::validate_id("session_id", &body.session_id).map_err(ApiError::invalid)?;
@@ -201,7 +206,8 @@ async fn sse(app: Arc<App>, mut attachment: crate::hub::Attachment, request_id: 
             }
         }
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx)) });
+    let stream =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx)) });
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 

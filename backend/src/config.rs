@@ -111,35 +111,87 @@ pub struct LimitsFile {
     pub max_sockets: usize,
 }
 
-fn d_listen() -> String { "0.0.0.0:8080".into() }
-fn d_backend_id() -> String { "backend-1".into() }
-fn d_metrics_listen() -> String { "127.0.0.1:9100".into() }
-fn d_grace() -> u64 { 5_000 }
+fn d_listen() -> String {
+    "0.0.0.0:8080".into()
+}
+fn d_backend_id() -> String {
+    "backend-1".into()
+}
+fn d_metrics_listen() -> String {
+    "127.0.0.1:9100".into()
+}
+fn d_grace() -> u64 {
+    5_000
+}
 fn d_trusted() -> Vec<String> {
     ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"].map(String::from).to_vec()
 }
-fn d_redis_url() -> String { "redis://127.0.0.1:6379".into() }
-fn d_ai_urls() -> Vec<String> { vec!["http://127.0.0.1:8000".into()] }
-fn d_health_path() -> String { "/health".into() }
-fn d_1() -> usize { 1 }
-fn d_3() -> usize { 3 }
-fn d_1000() -> u64 { 1_000 }
-fn d_2000() -> u64 { 2_000 }
-fn d_3000() -> u64 { 3_000 }
-fn d_5000() -> u64 { 5_000 }
-fn d_8000() -> u64 { 8_000 }
-fn d_10000() -> u64 { 10_000 }
-fn d_15000() -> u64 { 15_000 }
-fn d_20000() -> u64 { 20_000 }
-fn d_60000() -> u64 { 60_000 }
-fn d_body() -> usize { 256 * 1024 }
-fn d_frame() -> usize { 64 * 1024 }
-fn d_session_rate() -> f64 { 5.0 }
-fn d_session_burst() -> u32 { 20 }
-fn d_ip_rate() -> f64 { 50.0 }
-fn d_ip_burst() -> u32 { 100 }
-fn d_queue() -> usize { 256 }
-fn d_max_sockets() -> usize { 20_000 }
+fn d_redis_url() -> String {
+    "redis://127.0.0.1:6379".into()
+}
+fn d_ai_urls() -> Vec<String> {
+    vec!["http://127.0.0.1:8000".into()]
+}
+fn d_health_path() -> String {
+    "/health".into()
+}
+fn d_1() -> usize {
+    1
+}
+fn d_3() -> usize {
+    3
+}
+fn d_1000() -> u64 {
+    1_000
+}
+fn d_2000() -> u64 {
+    2_000
+}
+fn d_3000() -> u64 {
+    3_000
+}
+fn d_5000() -> u64 {
+    5_000
+}
+fn d_8000() -> u64 {
+    8_000
+}
+fn d_10000() -> u64 {
+    10_000
+}
+fn d_15000() -> u64 {
+    15_000
+}
+fn d_20000() -> u64 {
+    20_000
+}
+fn d_60000() -> u64 {
+    60_000
+}
+fn d_body() -> usize {
+    256 * 1024
+}
+fn d_frame() -> usize {
+    64 * 1024
+}
+fn d_session_rate() -> f64 {
+    5.0
+}
+fn d_session_burst() -> u32 {
+    20
+}
+fn d_ip_rate() -> f64 {
+    50.0
+}
+fn d_ip_burst() -> u32 {
+    100
+}
+fn d_queue() -> usize {
+    256
+}
+fn d_max_sockets() -> usize {
+    20_000
+}
 
 macro_rules! default_from_serde {
     ($($t:ty),*) => {$(
@@ -205,7 +257,8 @@ pub struct Config {
     pub max_sockets: usize,
 }
 
-pub const ENV_OVERRIDES: &[&str] = &["LISTEN_ADDR", "METRICS_LISTEN_ADDR", "REDIS_URL", "AI_SERVICE_URLS", "BACKEND_ID"];
+pub const ENV_OVERRIDES: &[&str] =
+    &["LISTEN_ADDR", "METRICS_LISTEN_ADDR", "REDIS_URL", "AI_SERVICE_URLS", "BACKEND_ID"];
 
 pub fn load(path: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, String> {
     let mut file = match path {
@@ -272,7 +325,10 @@ fn check(f: FileConfig, source: String) -> Result<Config, String> {
             Err(_) => bad("server.trusted_proxies", format!("{cidr:?} is not a CIDR like 10.0.0.0/8")),
         }
     }
-    if !(f.redis.url.starts_with("redis://") || f.redis.url.starts_with("rediss://") || f.redis.url.starts_with("unix://")) {
+    if !(f.redis.url.starts_with("redis://")
+        || f.redis.url.starts_with("rediss://")
+        || f.redis.url.starts_with("unix://"))
+    {
         bad("redis.url", format!("{:?} must start with redis://, rediss:// or unix://", f.redis.url));
     }
     let mut ai_nodes = Vec::new();
@@ -315,7 +371,10 @@ fn check(f: FileConfig, source: String) -> Result<Config, String> {
             bad(key, "must be above 0".into());
         }
     }
-    for (key, v) in [("limits.session_rate_per_sec", f.limits.session_rate_per_sec), ("limits.ip_rate_per_sec", f.limits.ip_rate_per_sec)] {
+    for (key, v) in [
+        ("limits.session_rate_per_sec", f.limits.session_rate_per_sec),
+        ("limits.ip_rate_per_sec", f.limits.ip_rate_per_sec),
+    ] {
         if !(v > 0.0 && v.is_finite()) {
             bad(key, format!("{v} must be a positive number"));
         }
@@ -391,7 +450,9 @@ mod tests {
 
     #[test]
     fn ai_service_urls_override_the_file_as_the_old_system_did() {
-        let env = |k: &str| (k == "AI_SERVICE_URLS").then(|| "http://ai-1:8000, http://ai-2:8000,http://ai-3:8000/".to_owned());
+        let env = |k: &str| {
+            (k == "AI_SERVICE_URLS").then(|| "http://ai-1:8000, http://ai-2:8000,http://ai-3:8000/".to_owned())
+        };
         let c = load(None, &env).unwrap();
         let urls: Vec<_> = c.ai_nodes.iter().map(|n| n.url.as_str()).collect();
         assert_eq!(urls, ["http://ai-1:8000", "http://ai-2:8000", "http://ai-3:8000"]);

@@ -37,7 +37,12 @@ impl Replay {
         if entries.is_empty() {
             return Ok(None);
         }
-        Ok(Some(entries.into_iter().filter_map(|(_, fields)| fields.get("event").and_then(|j| Event::from_json(j).ok())).collect()))
+        Ok(Some(
+            entries
+                .into_iter()
+                .filter_map(|(_, fields)| fields.get("event").and_then(|j| Event::from_json(j).ok()))
+                .collect(),
+        ))
     }
 
     pub async fn ping(&self) -> bool {

@@ -54,7 +54,11 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let pool = AiPool::start(&config, metrics.clone()).await?;
         let hub = Hub::start(&config.redis_url, config.ws_send_queue, metrics.clone())?;
-        let conn = chat_wire::redis_conn::RedisConn::new(&config.redis_url, config.redis_connect_timeout, config.redis_command_timeout)?;
+        let conn = chat_wire::redis_conn::RedisConn::new(
+            &config.redis_url,
+            config.redis_connect_timeout,
+            config.redis_command_timeout,
+        )?;
         let limits = Limits::new(
             config.session_rate_per_sec,
             config.session_burst,

@@ -30,24 +30,32 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let chats = IntCounterVec::new(Opts::new("backend_chat_requests_total", "Chat requests by outcome"), &["outcome"]).unwrap();
+        let chats =
+            IntCounterVec::new(Opts::new("backend_chat_requests_total", "Chat requests by outcome"), &["outcome"])
+                .unwrap();
         let dispatch = IntCounterVec::new(
             Opts::new("backend_dispatch_attempts_total", "Dispatch attempts by AI node and outcome"),
             &["node", "outcome"],
         )
         .unwrap();
         let retries = IntCounter::new("backend_dispatch_retries_total", "Dispatch attempts after the first").unwrap();
-        let node_healthy = IntGaugeVec::new(Opts::new("backend_ai_node_healthy", "AI node health (1 healthy)"), &["node"]).unwrap();
+        let node_healthy =
+            IntGaugeVec::new(Opts::new("backend_ai_node_healthy", "AI node health (1 healthy)"), &["node"]).unwrap();
         let ws_active = IntGauge::new("backend_ws_active", "Open WebSockets").unwrap();
         let events_delivered = IntCounter::new("backend_events_delivered_total", "Events written to clients").unwrap();
-        let events_replayed = IntCounter::new("backend_events_replayed_total", "Events read back from streams").unwrap();
+        let events_replayed =
+            IntCounter::new("backend_events_replayed_total", "Events read back from streams").unwrap();
         let publish_to_socket = Histogram::with_opts(
-            HistogramOpts::new("backend_publish_to_socket_seconds", "From the AI node's publish to the write to the client")
-                .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            HistogramOpts::new(
+                "backend_publish_to_socket_seconds",
+                "From the AI node's publish to the write to the client",
+            )
+            .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
         )
         .unwrap();
         let pubsub_reconnects = IntCounter::new("backend_pubsub_reconnects_total", "Pub/sub reconnections").unwrap();
-        let slow_consumers = IntCounter::new("backend_ws_slow_consumers_total", "Sockets closed for reading too slowly").unwrap();
+        let slow_consumers =
+            IntCounter::new("backend_ws_slow_consumers_total", "Sockets closed for reading too slowly").unwrap();
         let stalls = IntCounter::new("backend_stalled_requests_total", "Requests ended with node_failed").unwrap();
         for c in [
             Box::new(chats.clone()) as Box<dyn prometheus::core::Collector>,

@@ -206,7 +206,9 @@ impl AiPool {
                 return Err(DispatchError::Deadline(self.deadline));
             }
             let target = format!("http://{}/chat", backend.addr);
-            let outcome = tokio::time::timeout(self.request_timeout.min(remaining), self.http.post(&target).json(chat).send()).await;
+            let outcome =
+                tokio::time::timeout(self.request_timeout.min(remaining), self.http.post(&target).json(chat).send())
+                    .await;
             let failure = match outcome {
                 Err(_) => format!("{url} timed out"),
                 Ok(Err(e)) => format!("{url}: {e}"),

@@ -23,6 +23,8 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
 
+/// How long a closing socket waits for the client's close frame.
+const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 /// Chats one socket may have in dispatch at once.
 const MAX_DISPATCHING: usize = 4;
 
@@ -67,13 +69,22 @@ pub async fn upgrade(
     if let Err(e) = chat_wire::validate_id("session_id", &session_id) {
         return crate::api::ApiError::invalid(e).into_response();
     }
-    if app.metrics.ws_active.get() as usize >= app.config.max_sockets || app.draining.load(std::sync::atomic::Ordering::Relaxed) {
-        return crate::api::ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "this backend takes no more sockets")
-            .into_response();
+    if app.metrics.ws_active.get() as usize >= app.config.max_sockets
+        || app.draining.load(std::sync::atomic::Ordering::Relaxed)
+    {
+        return crate::api::ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "this backend takes no more sockets",
+        )
+        .into_response();
     }
     let ip = app.limits.client_ip(peer, &headers);
-    let max = app.config.max_frame_bytes;
-    ws.max_message_size(max).max_frame_size(max).on_upgrade(move |socket| async move {
+    // The transport accepts up to 4x the limit so an oversized frame is read
+    // whole and answered with a clean 1009 (the limit itself is checked on
+    // each message); past 4x the transport errors out and the socket is closed.
+    let hard_cap = app.config.max_frame_bytes.saturating_mul(4);
+    ws.max_message_size(hard_cap).max_frame_size(hard_cap).on_upgrade(move |socket| async move {
         let tracker = app.sockets.clone();
         tracker.track_future(serve(app, socket, session_id, ip)).await
     })
@@ -117,6 +128,8 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr)
                         break None;
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Text(t))) if t.len() > app.config.max_frame_bytes => break Some((close::TOO_BIG, "frame too large")),
+                    Some(Ok(Message::Binary(b))) if b.len() > app.config.max_frame_bytes => break Some((close::TOO_BIG, "frame too large")),
                     Some(Ok(Message::Binary(_))) => out.push(invalid_frame("binary frames are not accepted; send JSON text")),
                     Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientFrame>(&text) {
                         Err(e) => out.push(invalid_frame(&format!("not a chat or resume frame: {e}"))),
@@ -215,6 +228,19 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr)
     if let Some((code, reason)) = close {
         let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
         let _ = tokio::time::timeout(app.config.ws_send_timeout, tx.send(Message::Close(Some(frame)))).await;
+        // Wait briefly for the client's close, reading what it still sends: a
+        // socket dropped with unread data answers with a reset, and the client
+        // could lose the close frame (and its code) to it.
+        let drain = async {
+            let mut frames = 0;
+            while let Some(frame) = rx.next().await {
+                frames += 1;
+                if frames > 64 || matches!(frame, Ok(Message::Close(_))) {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_LINGER, drain).await;
     }
 }
 

@@ -27,11 +27,21 @@ pub const DEFAULT_GROUP: &str = "backends";
 pub enum ConfigError {
     /// The file could not be read at all.
     #[error("{file}: cannot read: {source}")]
-    Read { file: String, source: std::io::Error },
+    Read {
+        /// The file named on the command line.
+        file: String,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
     /// The file is not valid TOML, or has an unknown key or a value of the
     /// wrong type (toml's message carries the line and column).
     #[error("{file}: {message}")]
-    Parse { file: String, message: String },
+    Parse {
+        /// The file.
+        file: String,
+        /// toml's message, with line, column and the offending key.
+        message: String,
+    },
     /// The file parsed but some values are unusable; every one is listed.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<Problem>),

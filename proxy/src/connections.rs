@@ -114,6 +114,11 @@ where
         mut session: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
+        if session.is_http2() {
+            // HTTP/2 streams carry no per-connection context to signal the
+            // end of the header; h2 is not offered, but never cut a stream.
+            return self.proxy.process_new_http(session, shutdown).await;
+        }
         let client = &self.state.config.client;
         let reused =
             session.take_connection_user_context().is_some_and(|ctx: Box<dyn Any + Send + Sync>| ctx.is::<Reused>());

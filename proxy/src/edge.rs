@@ -289,10 +289,16 @@ impl ProxyHttp for Edge {
         ctx: &mut Self::CTX,
         client_reused: bool,
     ) -> Box<Error> {
-        // A failure on a reused pooled connection is usually the backend
-        // having closed it; only count fresh-connection failures.
-        if !client_reused && e.esource() == &ErrorSource::Upstream {
-            if let Some(addr) = peer._address.as_inet().copied() {
+        let addr = peer._address.as_inet().copied();
+        if client_reused {
+            // A pooled connection the backend had already closed says nothing
+            // about the backend: a retry may pick the same one again, so the
+            // client stays where it is pinned.
+            if ctx.tried.last().copied() == addr {
+                ctx.tried.pop();
+            }
+        } else if e.esource() == &ErrorSource::Upstream {
+            if let Some(addr) = addr {
                 self.record_upstream_failure(ctx, addr);
             }
         }

@@ -5,6 +5,8 @@
 //!
 //! `main.rs` only parses flags and calls [`run`]; everything else is here.
 
+#![warn(missing_docs)]
+
 pub mod config;
 pub mod connections;
 pub mod edge;
@@ -42,7 +44,12 @@ pub enum ProxyError {
     Config(#[from] config::ConfigError),
     /// The TLS listener could not be set up.
     #[error("tls listener {addr}: {reason}")]
-    Tls { addr: String, reason: String },
+    Tls {
+        /// The listener's address.
+        addr: String,
+        /// Pingora's complaint (missing or unreadable certificate or key).
+        reason: String,
+    },
     /// A runtime for start-up work could not be created.
     #[error("start-up runtime: {0}")]
     Runtime(#[from] std::io::Error),
@@ -106,7 +113,17 @@ pub fn server_conf(config: &Config, daemon: bool) -> ServerConf {
 pub fn run(config: Config, options: RunOptions) -> Result<(), ProxyError> {
     reload::catch_sighup_early();
     let startup = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let state = startup.block_on(State::new(config.clone()));
+    let state = startup.block_on(async {
+        let state = State::new(config.clone()).await;
+        // One round of checks before listening: a process taking over the
+        // listeners (graceful upgrade) must not answer 503 while it learns
+        // which backends are up.
+        for group in state.upstreams.all() {
+            let health = group.config().health;
+            health::check_once(group, &health, &state, &mut Default::default()).await;
+        }
+        state
+    });
     drop(startup);
 
     let opt = Opt { upgrade: options.upgrade, daemon: options.daemon, ..Opt::default() };

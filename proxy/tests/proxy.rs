@@ -110,10 +110,7 @@ async fn a_failed_connect_retries_on_the_next_backend_and_passive_checks_take_it
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_for_is_believed_only_from_trusted_proxies() {
     let backends = three_backends();
-    let options = ProxyOptions {
-        client: "trusted_proxies = [\"127.0.0.2/32\"]\n".into(),
-        ..Default::default()
-    };
+    let options = ProxyOptions { client: "trusted_proxies = [\"127.0.0.2/32\"]\n".into(), ..Default::default() };
     let proxy = Proxy::start(&addrs(&backends), options).await;
     let untrusted: IpAddr = "127.0.0.3".parse().unwrap();
     let trusted: IpAddr = "127.0.0.2".parse().unwrap();
@@ -122,21 +119,14 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
     let mut seen_trusted = HashSet::new();
     for i in 0..40 {
         let forged = format!("10.9.{i}.1");
-        let r = get_from(
-            untrusted,
-            proxy.public,
-            "/api/x",
-            &[("X-Forwarded-For", &forged), ("X-Real-IP", &forged)],
-        )
-        .await
-        .unwrap();
+        let r = get_from(untrusted, proxy.public, "/api/x", &[("X-Forwarded-For", &forged), ("X-Real-IP", &forged)])
+            .await
+            .unwrap();
         assert_eq!(r.backend(), plain.backend(), "a forged header moved the client");
         assert_eq!(r.json()["x_real_ip"], "127.0.0.3");
         assert_eq!(r.json()["x_forwarded_for"], "127.0.0.3");
 
-        let r = get_from(trusted, proxy.public, "/api/x", &[("X-Forwarded-For", &forged)])
-            .await
-            .unwrap();
+        let r = get_from(trusted, proxy.public, "/api/x", &[("X-Forwarded-For", &forged)]).await.unwrap();
         assert_eq!(r.json()["x_real_ip"], forged.as_str());
         assert_eq!(r.json()["x_forwarded_for"], format!("{forged}, 127.0.0.2").as_str());
         seen_trusted.insert(r.backend());
@@ -158,14 +148,9 @@ async fn headers_to_the_backend_and_the_request_id_round_trip() {
     assert_eq!(seen["x_real_ip"], "127.0.0.1");
     assert_eq!(r.backend(), "only");
 
-    let r = get_from(
-        "127.0.0.1".parse().unwrap(),
-        proxy.public,
-        "/api/headers",
-        &[("X-Request-Id", "r-given-42")],
-    )
-    .await
-    .unwrap();
+    let r = get_from("127.0.0.1".parse().unwrap(), proxy.public, "/api/headers", &[("X-Request-Id", "r-given-42")])
+        .await
+        .unwrap();
     assert_eq!(r.headers["x-request-id"], "r-given-42");
     assert_eq!(r.json()["x_request_id"], "r-given-42");
 }
@@ -276,10 +261,7 @@ fn config_test_rejects_bad_files_naming_file_key_and_line() {
     assert!(err.contains("p.toml:5: upstreams.backends.servers"), "{err}");
 
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/proxy.toml");
-    let out = Command::new(env!("CARGO_BIN_EXE_proxy"))
-        .args(["--config", shipped, "--test"])
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_proxy")).args(["--config", shipped, "--test"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -344,7 +326,8 @@ async fn bad_input_gets_a_clean_4xx_or_close_and_the_proxy_keeps_serving() {
     let body = vec![b'x'; 5000];
     let r = request_from(me, proxy.public, "POST", "/api/chat", &[], &body).await.unwrap();
     assert_eq!(r.status, 413);
-    let mut chunked = b"POST /api/chat HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    let mut chunked =
+        b"POST /api/chat HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
     for _ in 0..5 {
         chunked.extend_from_slice(b"3e8\r\n");
         chunked.extend(std::iter::repeat_n(b'y', 1000));
@@ -390,10 +373,7 @@ async fn bad_input_gets_a_clean_4xx_or_close_and_the_proxy_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_over_its_request_rate_gets_429() {
     let backends = vec![Backend::start("only")];
-    let options = ProxyOptions {
-        client: "requests_per_second = 5\n".into(),
-        ..Default::default()
-    };
+    let options = ProxyOptions { client: "requests_per_second = 5\n".into(), ..Default::default() };
     let proxy = Proxy::start(&addrs(&backends), options).await;
     let me: IpAddr = "127.0.0.9".parse().unwrap();
     let mut statuses = Vec::new();
@@ -405,4 +385,89 @@ async fn a_client_over_its_request_rate_gets_429() {
     // Another client is not affected.
     let other = get_from("127.0.0.10".parse().unwrap(), proxy.public, "/api/x", &[]).await.unwrap();
     assert_eq!(other.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_upgrade_hands_the_listeners_to_a_new_process_without_failed_requests() {
+    let backends = vec![Backend::start("only")];
+    let mut old = Proxy::start(&addrs(&backends), ProxyOptions::default()).await;
+    let mut new = old.spawn_upgrade();
+    // The new process waits on the upgrade socket; the old one sends its listeners on SIGQUIT.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    old.signal("QUIT");
+
+    let started = Instant::now();
+    let mut served = 0;
+    while old.is_running() {
+        let r = get(old.public, "/api/x").await.expect("a request failed during the upgrade");
+        assert_eq!(r.status, 200);
+        served += 1;
+        assert!(started.elapsed() < Duration::from_secs(20), "the old process did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served > 10);
+    // The new process now owns both listeners.
+    assert_eq!(get(old.public, "/api/x").await.unwrap().status, 200);
+    assert_eq!(get(old.status, "/nginx-status").await.unwrap().status, 200);
+    assert!(new.try_wait().unwrap().is_none(), "the new process exited");
+    new.kill().ok();
+    new.wait().ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_shuts_down_within_the_configured_grace() {
+    let backends = vec![Backend::start("only")];
+    let mut proxy = Proxy::start(&addrs(&backends), ProxyOptions::default()).await;
+    proxy.signal("TERM");
+    assert!(proxy.wait_exit(Duration::from_secs(8)).await, "still running after SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limit_are_closed_and_the_proxy_keeps_serving() {
+    let backends = vec![Backend::start("only")];
+    let options = ProxyOptions { client: "max_connections = 2\n".into(), ..Default::default() };
+    let proxy = Proxy::start(&addrs(&backends), options).await;
+    let idle1 = tokio::net::TcpStream::connect(proxy.public).await.unwrap();
+    let idle2 = tokio::net::TcpStream::connect(proxy.public).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = get(proxy.public, "/api/x").await;
+    assert!(refused.is_err(), "a third connection was served: {refused:?}");
+    drop((idle1, idle2));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(get(proxy.public, "/api/x").await.unwrap().status, 200);
+    let status = parse_stub_status(&get(proxy.status, "/nginx-status").await.unwrap().body).unwrap();
+    assert!(status[1] > status[2], "accepts should exceed handled: {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_optional_tls_listener_serves_and_says_https_to_the_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output();
+    if !made.is_ok_and(|o| o.status.success()) {
+        eprintln!("openssl not available: skipping the TLS test");
+        return;
+    }
+    let backends = vec![Backend::start("only")];
+    let tls_port = free_port();
+    let options = ProxyOptions {
+        extra: format!(
+            "[listen.tls]\naddr = \"127.0.0.1:{tls_port}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+        ..Default::default()
+    };
+    let _proxy = Proxy::start(&addrs(&backends), options).await;
+    let client = reqwest::Client::builder().danger_accept_invalid_certs(true).build().unwrap();
+    let r = client.get(format!("https://localhost:{tls_port}/api/tls")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let seen: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(seen["x_forwarded_proto"], "https");
 }

@@ -26,11 +26,7 @@ use tokio::net::TcpSocket;
 
 /// A free port on 127.0.0.1 (bound, read, released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// What a backend knows about itself.
@@ -68,30 +64,19 @@ async fn echo_ws(ws: WebSocketUpgrade, State(info): State<BackendInfo>) -> Respo
 
 async fn echo(mut socket: WebSocket, id: String) {
     while let Some(Ok(msg)) = socket.recv().await {
-        match msg {
-            Message::Text(t) => {
-                if socket
-                    .send(Message::Text(format!("{id}:{}", t.as_str()).into()))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
+        let reply = match msg {
+            Message::Text(t) => Message::Text(format!("{id}:{}", t.as_str()).into()),
             Message::Close(_) => return,
-            _ => {}
+            _ => continue,
+        };
+        if socket.send(reply).await.is_err() {
+            return;
         }
     }
 }
 
 async fn describe(State(info): State<BackendInfo>, headers: HeaderMap, body: Bytes) -> impl IntoResponse {
-    let h = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string()
-    };
+    let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let body = serde_json::json!({
         "backend": info.id,
         "x_forwarded_for": h("x-forwarded-for"),
@@ -112,15 +97,8 @@ impl Backend {
     /// Starts backend `id` on `addr` (port 0: any).
     pub fn start_on(id: &str, addr: SocketAddr) -> Self {
         let draining = Arc::new(AtomicBool::new(false));
-        let info = BackendInfo {
-            id: id.to_string(),
-            draining: draining.clone(),
-        };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let info = BackendInfo { id: id.to_string(), draining: draining.clone() };
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         let listener = loop {
             match std::net::TcpListener::bind(addr) {
@@ -140,12 +118,7 @@ impl Backend {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             axum::serve(listener, app).await.ok();
         });
-        Self {
-            id: id.to_string(),
-            addr,
-            runtime: Some(runtime),
-            draining,
-        }
+        Self { id: id.to_string(), addr, runtime: Some(runtime), draining }
     }
 
     /// Stops it: the listener and every open connection close.
@@ -197,6 +170,8 @@ pub struct ProxyOptions {
     pub ws_idle: String,
     /// Routes (TOML), or empty for the defaults.
     pub routes: String,
+    /// Extra tables appended at the end (e.g. `[listen.tls]`).
+    pub extra: String,
 }
 
 impl Default for ProxyOptions {
@@ -207,12 +182,19 @@ impl Default for ProxyOptions {
             health: "interval = \"200ms\"\ntimeout = \"500ms\"\nrise = 1\nfall = 1\n".into(),
             ws_idle: "1h".into(),
             routes: String::new(),
+            extra: String::new(),
         }
     }
 }
 
 /// A configuration for `backends` with `options`, listening on the given ports.
-pub fn config_text(public: u16, status: u16, dir: &std::path::Path, backends: &[SocketAddr], o: &ProxyOptions) -> String {
+pub fn config_text(
+    public: u16,
+    status: u16,
+    dir: &std::path::Path,
+    backends: &[SocketAddr],
+    o: &ProxyOptions,
+) -> String {
     let servers: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
     format!(
         "[server]\nthreads = 2\ngrace_period = \"0s\"\nshutdown_timeout = \"1s\"\npid_file = \"{dir}/proxy.pid\"\nupgrade_sock = \"{dir}/upgrade.sock\"\n\
@@ -220,7 +202,7 @@ pub fn config_text(public: u16, status: u16, dir: &std::path::Path, backends: &[
          [client]\n{client}\n\
          [websocket]\nidle_timeout = \"{ws}\"\n\
          [upstreams.backends]\nservers = [{servers}]\n{upstream}\n\
-         [upstreams.backends.health]\n{health}\n{routes}\n",
+         [upstreams.backends.health]\n{health}\n{routes}\n{extra}\n",
         dir = dir.display(),
         client = o.client,
         ws = o.ws_idle,
@@ -228,6 +210,7 @@ pub fn config_text(public: u16, status: u16, dir: &std::path::Path, backends: &[
         upstream = o.upstream,
         health = o.health,
         routes = o.routes,
+        extra = o.extra,
     )
 }
 
@@ -270,13 +253,45 @@ impl Proxy {
 
     /// Sends `SIGHUP`.
     pub fn hangup(&self) {
-        let ok = Command::new("kill")
-            .arg("-HUP")
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap()
-            .success();
+        let ok = Command::new("kill").arg("-HUP").arg(self.child.id().to_string()).status().unwrap().success();
         assert!(ok);
+    }
+
+    /// Sends `signal` (e.g. `QUIT`, `TERM`) to the process.
+    pub fn signal(&self, signal: &str) {
+        let ok =
+            Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().unwrap().success();
+        assert!(ok);
+    }
+
+    /// Starts a second proxy with the same configuration and `--upgrade`,
+    /// which waits to take the listeners over from this one.
+    pub fn spawn_upgrade(&self) -> Child {
+        let log = std::fs::File::create(self.dir.path().join("proxy-upgraded.log")).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_proxy"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--upgrade")
+            .env_remove("PROXY_LISTEN")
+            .env_remove("PROXY_STATUS_LISTEN")
+            .env_remove("PROXY_BACKENDS")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    /// Waits up to `limit` for the process to exit; true if it did.
+    pub async fn wait_exit(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if !self.is_running() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
     }
 
     /// Whether the process is still running.
@@ -297,12 +312,7 @@ impl Proxy {
             .as_array()
             .unwrap()
             .iter()
-            .map(|b| {
-                (
-                    b["addr"].as_str().unwrap().to_string(),
-                    b["health"].as_str().unwrap().to_string(),
-                )
-            })
+            .map(|b| (b["addr"].as_str().unwrap().to_string(), b["health"].as_str().unwrap().to_string()))
             .collect()
     }
 
@@ -387,7 +397,12 @@ pub async fn get(to: SocketAddr, path: &str) -> std::io::Result<HttpResponse> {
 }
 
 /// GET `path` from source address `from`.
-pub async fn get_from(from: IpAddr, to: SocketAddr, path: &str, headers: &[(&str, &str)]) -> std::io::Result<HttpResponse> {
+pub async fn get_from(
+    from: IpAddr,
+    to: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<HttpResponse> {
     request_from(from, to, "GET", path, headers, b"").await
 }
 
@@ -411,7 +426,8 @@ pub async fn request_from(
     let mut raw = head.into_bytes();
     raw.extend_from_slice(body);
     let answer = raw_exchange(from, to, &raw, Duration::from_secs(10)).await?;
-    parse_response(&answer).ok_or_else(|| std::io::Error::other(format!("unparsable answer: {:?}", String::from_utf8_lossy(&answer))))
+    parse_response(&answer)
+        .ok_or_else(|| std::io::Error::other(format!("unparsable answer: {:?}", String::from_utf8_lossy(&answer))))
 }
 
 /// Connects from `from`, writes `raw`, reads until close or `limit`.
@@ -457,11 +473,7 @@ pub fn parse_response(raw: &[u8]) -> Option<HttpResponse> {
     } else {
         rest.to_vec()
     };
-    Some(HttpResponse {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
+    Some(HttpResponse { status, headers, body: String::from_utf8_lossy(&body).into_owned() })
 }
 
 /// The i-th of many distinct client addresses in 127.0.0.0/8 (never 127.0.0.1).
@@ -480,25 +492,13 @@ pub fn parse_stub_status(text: &str) -> Option<[u64; 7]> {
     if lines[1] != "server accepts handled requests" {
         return None;
     }
-    let nums: Vec<u64> = lines[2]
-        .strip_prefix(' ')?
-        .strip_suffix(' ')?
-        .split(' ')
-        .map(|n| n.parse().ok())
-        .collect::<Option<_>>()?;
+    let nums: Vec<u64> =
+        lines[2].strip_prefix(' ')?.strip_suffix(' ')?.split(' ').map(|n| n.parse().ok()).collect::<Option<_>>()?;
     if nums.len() != 3 {
         return None;
     }
     let rest = lines[3].strip_prefix("Reading: ")?.strip_suffix(' ')?;
     let (reading, rest) = rest.split_once(" Writing: ")?;
     let (writing, waiting) = rest.split_once(" Waiting: ")?;
-    Some([
-        active,
-        nums[0],
-        nums[1],
-        nums[2],
-        reading.parse().ok()?,
-        writing.parse().ok()?,
-        waiting.parse().ok()?,
-    ])
+    Some([active, nums[0], nums[1], nums[2], reading.parse().ok()?, writing.parse().ok()?, waiting.parse().ok()?])
 }
