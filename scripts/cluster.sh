@@ -113,7 +113,7 @@ check_alive() {
       if [[ " ${DEAD[*]-} " != *" ${NAMES[$i]} "* ]]; then
         DEAD+=("${NAMES[$i]}")
         echo "!! ${NAMES[$i]} exited; last lines of $LOG_DIR/${NAMES[$i]}.log:" >&2
-        tail -n 15 "$LOG_DIR/${NAMES[$i]}.log" | sed 's/^/   /' >&2
+        tail -n 8 "$LOG_DIR/${NAMES[$i]}.log" | sed 's/^/   /' >&2
       fi
     fi
   done
