@@ -6,17 +6,18 @@ use crate::generation::Job;
 use crate::store::Claim;
 use crate::Node;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+pub use chat_wire::http::ApiError;
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long `/health` waits for Redis before calling it unreachable.
 const HEALTH_PING_TIMEOUT: Duration = Duration::from_millis(500);
@@ -26,43 +27,10 @@ pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/chat", post(chat))
         .route("/health", get(health))
-        .fallback(not_found)
+        .fallback(chat_wire::http::not_found)
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(middleware::from_fn(access_log))
+        .layer(middleware::from_fn(chat_wire::http::access_log))
         .with_state(node)
-}
-
-/// An error answer: status, machine code, human message.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into() }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.status, Json(json!({"error": {"code": self.code, "message": self.message}}))).into_response()
-    }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(rejection: JsonRejection) -> Self {
-        let message = rejection.body_text();
-        match rejection.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
-                ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", message)
-            }
-            _ => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message),
-        }
-    }
 }
 
 /// The body of `POST /chat`. Unknown fields are ignored: callers may add some.
@@ -81,7 +49,7 @@ async fn chat(
     payload: Result<Json<ChatRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = payload?;
-    let invalid = |e: chat_wire::InvalidInput| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string());
+    let invalid = ApiError::invalid;
     chat_wire::validate_id("session_id", &req.session_id).map_err(invalid)?;
     chat_wire::validate_message(&req.message).map_err(invalid)?;
     if let Some(user) = &req.user_id {
@@ -145,22 +113,4 @@ async fn health(State(node): State<Arc<Node>>) -> Response {
         "draining": draining,
     });
     (status, Json(body)).into_response()
-}
-
-async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
-}
-
-/// One log line per request, at info.
-async fn access_log(request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    let response = next.run(request).await;
-    log::info!(
-        "method={method} path={path} status={} duration_ms={:.1}",
-        response.status().as_u16(),
-        started.elapsed().as_secs_f64() * 1000.0
-    );
-    response
 }

@@ -46,15 +46,6 @@ async fn serve(config: config::Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen_addr).await?;
     log::info!("node_id={} listening on {} redis={}", config.node_id, listener.local_addr()?, config.redis_url);
     let node = Node::new(config, store, engine);
-    ai_node::run(listener, node, shutdown_signal()).await?;
+    ai_node::run(listener, node, chat_wire::http::shutdown_signal()).await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
 }

@@ -21,7 +21,6 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 pub fn router(app: Arc<App>) -> Router {
     let backend_id = HeaderValue::from_str(&app.config.backend_id).expect("backend ids are header-safe");
@@ -31,9 +30,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/ws/chat", get(ws::upgrade))
         .route("/health", get(health))
         .route("/", get(page))
-        .fallback(not_found)
+        .fallback(chat_wire::http::not_found)
         .layer(DefaultBodyLimit::max(app.config.max_body_bytes))
-        .layer(middleware::from_fn(access_log))
+        .layer(middleware::from_fn(chat_wire::http::access_log))
         .layer(middleware::from_fn(move |req: Request, next: Next| {
             let id = backend_id.clone();
             async move {
@@ -45,56 +44,15 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
+pub use chat_wire::http::ApiError;
 
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into() }
-    }
-
-    pub fn invalid(e: chat_wire::InvalidInput) -> Self {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string())
-    }
-
-    pub fn limited(which: Limited) -> Self {
-        let what = match which {
-            Limited::Session => "this session",
-            Limited::Ip => "this client",
-        };
-        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", format!("too many chats from {what}; slow down"))
-    }
-
-    pub fn code(&self) -> &'static str {
-        self.code
-    }
-
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.status, Json(json!({"error": {"code": self.code, "message": self.message}}))).into_response()
-    }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(rejection: JsonRejection) -> Self {
-        let message = rejection.body_text();
-        match rejection.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
-                ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", message)
-            }
-            _ => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message),
-        }
-    }
+/// 429 for the bucket that ran dry.
+pub fn limited(which: Limited) -> ApiError {
+    let what = match which {
+        Limited::Session => "this session",
+        Limited::Ip => "this client",
+    };
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", format!("too many chats from {what}; slow down"))
 }
 
 impl From<DispatchError> for ApiError {
@@ -133,7 +91,7 @@ pub async fn start_chat(
         if app.draining.load(Ordering::Relaxed) {
             return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "this backend is shutting down"));
         }
-        app.limits.admit_chat(&body.session_id, ip).map_err(ApiError::limited)?;
+        app.limits.admit_chat(&body.session_id, ip).map_err(limited)?;
         let chat = NodeChat { request_id, session_id: body.session_id, message: body.message, user_id: body.user_id };
         Ok(app.pool.dispatch(&chat).await?)
     }
@@ -241,21 +199,4 @@ async fn health(State(app): State<Arc<App>>) -> Response {
 /// The chat page: one self-contained file, compiled in, no front-end build.
 async fn page() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("../static/index.html"))
-}
-
-async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
-}
-
-async fn access_log(request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    let response = next.run(request).await;
-    log::info!(
-        "method={method} path={path} status={} duration_ms={:.1}",
-        response.status().as_u16(),
-        started.elapsed().as_secs_f64() * 1000.0
-    );
-    response
 }

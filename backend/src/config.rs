@@ -262,10 +262,7 @@ pub const ENV_OVERRIDES: &[&str] =
 
 pub fn load(path: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, String> {
     let mut file = match path {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| format!("{}: cannot read: {e}", p.display()))?;
-            toml::from_str::<FileConfig>(&text).map_err(|e| format!("{}: {}", p.display(), e.to_string().trim_end()))?
-        }
+        Some(p) => chat_wire::http::read_toml::<FileConfig>(p)?,
         None => FileConfig::default(),
     };
     let var = |k: &str| env(k).filter(|v| !v.trim().is_empty());

@@ -162,7 +162,10 @@ impl Hub {
                     }
                 }
                 if !ok {
-                    log::warn!("re-subscribing {} sessions failed; reconnecting", sessions.len());
+                    log::warn!("re-subscribing {} sessions failed; reconnecting in {backoff:?}", sessions.len());
+                    drop(current);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
                 }
                 *current = Some(sink);

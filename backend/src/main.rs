@@ -50,15 +50,6 @@ async fn serve(config: config::Config) -> anyhow::Result<()> {
         config.ai_nodes.iter().map(|n| n.url.as_str()).collect::<Vec<_>>().join(",")
     );
     let app = App::start(config).await?;
-    backend::run(listener, metrics, app, shutdown_signal()).await?;
+    backend::run(listener, metrics, app, chat_wire::http::shutdown_signal()).await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
 }

@@ -183,7 +183,7 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr)
                     }
                     Err(e) => {
                         follower.forget(&request_id);
-                        out.push(error_frame(Some(&request_id), e.code(), e.message()));
+                        out.push(error_frame(Some(&request_id), e.code, &e.message));
                     }
                 }
             }

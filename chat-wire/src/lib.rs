@@ -3,9 +3,12 @@
 //! Three things live here because both sides must agree on them exactly:
 //! the stream events (`events`), the Redis key and channel names (`keys`), and
 //! the rules for ids and messages that both sides validate (`ids`), and the
-//! one way both talk to Redis for commands (`redis_conn`).
+//! one way both talk to Redis for commands (`redis_conn`), and the HTTP
+//! pieces both serve alike (`http`: the JSON error shape, access log, signals,
+//! config file reading).
 
 pub mod events;
+pub mod http;
 pub mod ids;
 pub mod keys;
 pub mod redis_conn;

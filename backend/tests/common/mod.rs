@@ -579,3 +579,72 @@ impl Drop for OwnRedis {
         let _ = self.child.wait();
     }
 }
+
+/// The edge `proxy` binary next to `backend`, built the way [`ai_node_bin`]
+/// builds `ai-node`: the first call in each test binary runs
+/// `cargo build -p proxy`, and falls back to an existing binary with a warning.
+pub fn proxy_bin() -> PathBuf {
+    static BUILD: Once = Once::new();
+    let bin = Path::new(BACKEND_BIN).with_file_name(format!("proxy{}", std::env::consts::EXE_SUFFIX));
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let built = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "proxy"])
+            .current_dir(workspace)
+            .status()
+            .map(|status| status.success())
+            .unwrap_or(false);
+        if !built {
+            assert!(bin.exists(), "cargo build -p proxy failed and there is no {}", bin.display());
+            eprintln!("warning: cargo build -p proxy failed; using the existing {}", bin.display());
+        }
+    });
+    assert!(bin.exists(), "{} is missing", bin.display());
+    bin
+}
+
+impl Ws {
+    /// Connects to any `/ws/chat` URL (through the proxy, say); returns the
+    /// socket and the `X-Backend-Id` of the upgrade answer.
+    pub async fn connect_url(url: &str) -> (Ws, Option<String>) {
+        let connecting = tokio_tungstenite::connect_async(url);
+        let (socket, response) = tokio::time::timeout(EVENT_WAIT, connecting)
+            .await
+            .expect("WebSocket upgrade timed out")
+            .unwrap_or_else(|e| panic!("WebSocket upgrade to {url} failed: {e}"));
+        assert_eq!(response.status(), 101);
+        let backend_id = response.headers().get("x-backend-id").map(|v| v.to_str().unwrap().to_owned());
+        (Ws { socket, pending: VecDeque::new() }, backend_id)
+    }
+
+    /// Events of `request_id` until the stream ends or the socket closes or
+    /// fails (as when its backend dies). The bool tells whether the socket was
+    /// cut; `None` if neither happened within `within`.
+    pub async fn events_until_cut(&mut self, request_id: &str, within: Duration) -> Option<(Vec<Event>, bool)> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut events = Vec::new();
+        let mut frames: VecDeque<Value> = self.pending.drain(..).collect();
+        loop {
+            let frame = match frames.pop_front() {
+                Some(frame) => frame,
+                None => match tokio::time::timeout_at(deadline, self.socket.next()).await {
+                    Err(_) => return None,
+                    Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => return Some((events, true)),
+                    Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str(text.as_str())
+                        .unwrap_or_else(|e| panic!("server sent non-JSON text ({e}): {text}")),
+                    Ok(Some(Ok(_))) => continue,
+                },
+            };
+            let is_event = matches!(frame["type"].as_str(), Some("chunk" | "done" | "error"));
+            if is_event && frame["request_id"] == request_id {
+                let event = Event::from_json(&frame.to_string()).unwrap_or_else(|e| panic!("bad event ({e}): {frame}"));
+                let end = event.is_terminal();
+                events.push(event);
+                if end {
+                    return Some((events, false));
+                }
+            }
+        }
+    }
+}

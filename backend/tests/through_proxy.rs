@@ -1,0 +1,357 @@
+//! The whole chat flow as a client sees it: the real edge proxy in front of
+//! three real backends in front of real AI nodes, all on one Redis. These are
+//! the old system's own verification steps (AI health through the proxy, ten
+//! chats spread over the nodes, a stopped node stepped over) plus a WebSocket
+//! through the proxy, the proxy's status listener, and a backend killed under
+//! a streaming client that resumes on another one and misses nothing.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Upper bound on one whole test, so a hang fails instead of stalling the run.
+const TEST_WAIT: Duration = Duration::from_secs(120);
+
+/// The real `proxy` binary on free ports in front of `servers`.
+struct Proxy {
+    /// Public listener, where every client request goes.
+    public: u16,
+    /// Status listener (`/nginx-status`, `/metrics`, `/upstreams`).
+    status: u16,
+    child: Option<Child>,
+    log: PathBuf,
+    /// Holds the config, log, pid file and upgrade socket while the proxy lives.
+    _dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    /// Starts the proxy in front of `backends` and waits until its public
+    /// listener answers and all of them pass its health check.
+    async fn start(backends: &[&Backend]) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let public = free_port();
+        let status = free_port();
+        let servers: Vec<String> = backends.iter().map(|b| format!("\"127.0.0.1:{}\"", b.port)).collect();
+        let config = dir.path().join("proxy.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nthreads = 2\ngrace_period = \"0s\"\nshutdown_timeout = \"1s\"\n\
+                 pid_file = \"{dir}/proxy.pid\"\nupgrade_sock = \"{dir}/upgrade.sock\"\n\n\
+                 [listen]\npublic = \"127.0.0.1:{public}\"\nstatus = \"127.0.0.1:{status}\"\n\n\
+                 [upstreams.backends]\nservers = [{servers}]\nconnect_timeout = \"1s\"\n\n\
+                 [upstreams.backends.health]\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"500ms\"\n\
+                 rise = 1\nfall = 1\n",
+                dir = dir.path().display(),
+                servers = servers.join(", "),
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join("proxy.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let mut command = Command::new(proxy_bin());
+        command
+            .arg("--config")
+            .arg(&config)
+            .env_remove("PROXY_LISTEN")
+            .env_remove("PROXY_STATUS_LISTEN")
+            .env_remove("PROXY_BACKENDS")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "info");
+        }
+        let child = command.spawn().expect("cannot start proxy");
+        let mut proxy = Proxy { public, status, child: Some(child), log, _dir: dir };
+        proxy.wait_up(backends.len()).await;
+        proxy
+    }
+
+    /// Polls `/upstreams` until `n` backends are up.
+    async fn wait_up(&mut self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().unwrap();
+        loop {
+            if let Ok(res) = client.get(self.status_url("/upstreams")).send().await {
+                if let Ok(v) = res.json::<Value>().await {
+                    if up_backends(&v).len() >= n {
+                        return;
+                    }
+                }
+            }
+            let exited = self.child.as_mut().is_none_or(|c| c.try_wait().unwrap().is_some());
+            assert!(!exited, "proxy exited before it was ready:\n{}", self.log_tail());
+            assert!(Instant::now() < deadline, "proxy never saw {n} backends up:\n{}", self.log_tail());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.public)
+    }
+
+    fn status_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.status)
+    }
+
+    fn ws_url(&self, session_id: &str) -> String {
+        format!("ws://127.0.0.1:{}/ws/chat?session_id={session_id}", self.public)
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let start = text.len().saturating_sub(4000);
+        let start = (start..text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(text.len());
+        text[start..].to_owned()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("----- last lines of proxy -----\n{}", self.log_tail());
+        }
+    }
+}
+
+/// Addresses of the `backends` group's members that `/upstreams` shows up.
+fn up_backends(upstreams: &Value) -> Vec<String> {
+    backends_group(upstreams)
+        .iter()
+        .filter(|b| b["health"] == "up")
+        .map(|b| b["addr"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn backends_group(upstreams: &Value) -> Vec<Value> {
+    upstreams["upstreams"]
+        .as_array()
+        .and_then(|groups| groups.iter().find(|g| g["name"] == "backends").or(groups.first()))
+        .and_then(|g| g["backends"].as_array())
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn header(res: &reqwest::Response, name: &str) -> Option<String> {
+    res.headers().get(name).map(|v| v.to_str().unwrap().to_owned())
+}
+
+/// `POST /api/chat` through the proxy, as in the old system's curl check;
+/// returns the answering backend's id and the 202 body.
+async fn chat_through(proxy: &Proxy, session_id: &str, message: &str) -> (String, Value) {
+    let res = http()
+        .post(proxy.url("/api/chat"))
+        .json(&json!({"session_id": session_id, "message": message, "user_id": "user1"}))
+        .send()
+        .await
+        .unwrap();
+    let status = res.status();
+    let backend_id = header(&res, "x-backend-id").expect("a chat answer carries X-Backend-Id");
+    assert!(header(&res, "x-request-id").is_some(), "the proxy adds X-Request-Id");
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(status, 202, "chat {message} not accepted: {body}");
+    assert_eq!(body["status"], "accepted", "{body}");
+    assert_eq!(body["session_id"], session_id, "{body}");
+    assert!(body["request_id"].is_string(), "{body}");
+    (backend_id, body)
+}
+
+/// The counters line of nginx `stub_status` text: accepts, handled, requests.
+fn stub_status_counters(text: &str) -> [u64; 3] {
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "stub_status has four lines: {text:?}");
+    assert!(lines[0].starts_with("Active connections: "), "{text:?}");
+    assert_eq!(lines[1], "server accepts handled requests", "{text:?}");
+    assert!(lines[3].starts_with("Reading: ") && lines[3].contains(" Writing: ") && lines[3].contains(" Waiting: "));
+    let nums: Vec<u64> = lines[2].split_whitespace().map(|n| n.parse().expect("a counter")).collect();
+    assert_eq!(nums.len(), 3, "{text:?}");
+    [nums[0], nums[1], nums[2]]
+}
+
+/// Builds (or checks) the binaries before the clock starts: a cold build can
+/// take longer than a whole test may.
+fn build_binaries() {
+    ai_node_bin();
+    proxy_bin();
+}
+
+#[tokio::test]
+async fn the_old_systems_checks_pass_through_the_proxy() {
+    build_binaries();
+    tokio::time::timeout(TEST_WAIT, old_systems_checks()).await.expect("the test ran out of time");
+}
+
+async fn old_systems_checks() {
+    let redis = redis_url();
+    let mut nodes = [
+        AiNode::start(&redis, Pace::QUICK).await,
+        AiNode::start(&redis, Pace::QUICK).await,
+        AiNode::start(&redis, Pace::QUICK).await,
+    ];
+    let node_refs = [&nodes[0], &nodes[1], &nodes[2]];
+    let backends = [
+        Backend::start(&redis, &node_refs).await,
+        Backend::start(&redis, &node_refs).await,
+        Backend::start(&redis, &node_refs).await,
+    ];
+    for backend in &backends {
+        backend.wait_healthy_nodes(3).await;
+    }
+    let backend_ids: BTreeSet<String> = backends.iter().map(|b| b.backend_id.clone()).collect();
+    let proxy = Proxy::start(&[&backends[0], &backends[1], &backends[2]]).await;
+
+    // 1. `curl http://localhost:8080/api/ai-health` shows all AI nodes.
+    let last = std::cell::RefCell::new(Value::Null);
+    let healthy = eventually(Duration::from_secs(15), || {
+        let last = &last;
+        let url = proxy.url("/api/ai-health");
+        async move {
+            let Ok(res) = http().get(url).send().await else { return false };
+            if res.status() != 200 {
+                return false;
+            }
+            let backend_id = header(&res, "x-backend-id");
+            let request_id = header(&res, "x-request-id");
+            let body: Value = res.json().await.unwrap_or_default();
+            *last.borrow_mut() = json!({"backend": backend_id, "request_id": request_id, "body": body});
+            body["total_nodes"] == 3 && body["healthy_nodes"] == 3
+        }
+    })
+    .await;
+    let last = last.into_inner();
+    assert!(healthy, "ai-health through the proxy never showed 3 healthy of 3: {last}");
+    let sticky = last["backend"].as_str().expect("ai-health answer carries X-Backend-Id").to_owned();
+    assert!(backend_ids.contains(&sticky), "X-Backend-Id {sticky} names one of {backend_ids:?}");
+    assert!(last["request_id"].as_str().is_some_and(|id| !id.is_empty()), "the proxy adds X-Request-Id: {last}");
+    let listed: BTreeSet<&str> =
+        last["body"]["nodes"].as_array().unwrap().iter().map(|n| n["url"].as_str().unwrap()).collect();
+    let expected: BTreeSet<&str> = nodes.iter().map(|n| n.url.as_str()).collect();
+    assert_eq!(listed, expected, "ai-health lists every AI node: {last}");
+
+    // 2. Ten chats from one client: one sticky backend, spread over the nodes.
+    let session = unique("test");
+    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 1..=10 {
+        let (backend_id, body) = chat_through(&proxy, &session, &i.to_string()).await;
+        assert_eq!(backend_id, sticky, "one client stays on one backend");
+        *per_node.entry(body["node"].as_str().expect("node").to_owned()).or_default() += 1;
+    }
+    let used: BTreeSet<&str> = per_node.keys().map(String::as_str).collect();
+    assert_eq!(used, expected, "ten chats reach all three nodes: {per_node:?}");
+    assert!(per_node.values().all(|n| (3..=4).contains(n)), "round-robin gives each node 3 or 4: {per_node:?}");
+
+    // 3. A stopped AI node: chats still succeed, through the others.
+    nodes[1].kill();
+    let dead = nodes[1].url.clone();
+    for i in 1..=6 {
+        let (_, body) = chat_through(&proxy, &session, &format!("after the kill {i}")).await;
+        assert_ne!(body["node"], dead.as_str(), "a dead node cannot have accepted the chat: {body}");
+    }
+
+    // A WebSocket through the proxy streams a whole answer.
+    let (mut ws, ws_backend) = Ws::connect_url(&proxy.ws_url(&unique("s"))).await;
+    assert!(ws_backend.is_some_and(|id| backend_ids.contains(&id)), "the upgrade answer carries X-Backend-Id");
+    let accepted = ws.chat("tell me a story").await;
+    assert_ne!(accepted.node, dead);
+    let events = ws.until_end(&accepted.request_id).await;
+    let text = assert_complete(&events, 1);
+    assert!(!text.trim().is_empty(), "the deltas make a non-empty answer");
+    assert_eq!(events.len() as u64, Pace::QUICK.events());
+
+    // The proxy's status listener counts the traffic and lists the backends.
+    let res = http().get(proxy.status_url("/nginx-status")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let text = res.text().await.unwrap();
+    let [accepts, handled, requests] = stub_status_counters(&text);
+    assert!(accepts > 0 && handled > 0 && requests > 0, "counters count: {text:?}");
+    assert!(requests >= 17, "at least the ai-health, 16 chats and the upgrade were counted: {text:?}");
+    let upstreams: Value = http().get(proxy.status_url("/upstreams")).send().await.unwrap().json().await.unwrap();
+    let mut listed: Vec<String> =
+        backends_group(&upstreams).iter().map(|b| b["addr"].as_str().unwrap_or_default().to_owned()).collect();
+    listed.sort();
+    let mut expected: Vec<String> = backends.iter().map(|b| format!("127.0.0.1:{}", b.port)).collect();
+    expected.sort();
+    assert_eq!(listed, expected, "/upstreams lists the three backends: {upstreams}");
+}
+
+#[tokio::test]
+async fn a_backend_killed_mid_stream_loses_nothing_for_a_client_that_resumes_through_the_proxy() {
+    build_binaries();
+    tokio::time::timeout(TEST_WAIT, backend_killed_mid_stream()).await.expect("the test ran out of time");
+}
+
+async fn backend_killed_mid_stream() {
+    /// Events the client has read when its backend dies.
+    const SEEN_BEFORE_KILL: u64 = 5;
+    // About four seconds of answer: the kill lands well inside it.
+    let pace = Pace { first_token_ms: 5, tokens_per_second: 10.0, answer_tokens: 40 };
+    let redis = redis_url();
+    let nodes = [AiNode::start(&redis, pace).await, AiNode::start(&redis, pace).await];
+    let node_refs = [&nodes[0], &nodes[1]];
+    let mut backends: Vec<Option<Backend>> = Vec::new();
+    for _ in 0..3 {
+        let backend = Backend::start(&redis, &node_refs).await;
+        backend.wait_healthy_nodes(2).await;
+        backends.push(Some(backend));
+    }
+    let proxy = {
+        let refs: Vec<&Backend> = backends.iter().flatten().collect();
+        Proxy::start(&refs).await
+    };
+
+    let session = unique("s");
+    let (mut ws, first_backend) = Ws::connect_url(&proxy.ws_url(&session)).await;
+    let first_backend = first_backend.expect("the upgrade answer carries X-Backend-Id");
+    let accepted = ws.chat("a long answer, please").await;
+    let mut seen = Vec::new();
+    for _ in 0..SEEN_BEFORE_KILL {
+        seen.push(ws.next_event(&accepted.request_id, EVENT_WAIT).await);
+    }
+
+    // SIGKILL the backend this client's socket goes through.
+    let victim = backends
+        .iter_mut()
+        .find(|b| b.as_ref().is_some_and(|b| b.backend_id == first_backend))
+        .expect("the socket's backend is one of ours");
+    drop(victim.take());
+    let killed_at = Instant::now();
+
+    // The proxy must cut the client's socket; whatever arrived before counts as seen.
+    let (more, cut) = ws
+        .events_until_cut(&accepted.request_id, Duration::from_secs(10))
+        .await
+        .expect("the proxy neither cut the socket nor ended the stream within 10 s of the backend's death");
+    seen.extend(more);
+    assert!(cut, "the stream cannot have ended on a dead backend's socket: {seen:?}");
+    let cut_after = killed_at.elapsed();
+    eprintln!("TEMPDBG cut after {cut_after:?}, seen {:?}", seen.iter().map(|e| e.seq).collect::<Vec<_>>());
+    drop(ws);
+    assert!(!seen.last().unwrap().is_terminal(), "the kill landed mid-stream: {seen:?}");
+    let last_seq = seen.last().unwrap().seq;
+
+    // Reconnect through the proxy: it lands on a live backend; resume after
+    // the last seq seen.
+    let (mut ws, second_backend) = Ws::connect_url(&proxy.ws_url(&session)).await;
+    let second_backend = second_backend.expect("the upgrade answer carries X-Backend-Id");
+    assert_ne!(second_backend, first_backend, "the proxy cannot route to a dead backend");
+    ws.resume(&accepted.request_id, last_seq).await;
+    let rest = ws.until_end(&accepted.request_id).await;
+    assert_complete(&rest, last_seq + 1);
+
+    let mut all = seen;
+    all.extend(rest);
+    let text = assert_complete(&all, 1);
+    assert!(!text.trim().is_empty());
+    assert_eq!(all.len() as u64, pace.events(), "every seq once, 1 to done (socket cut {cut_after:?} after the kill)");
+    ws.assert_silent(Duration::from_millis(500)).await;
+}

@@ -1,0 +1,93 @@
+//! HTTP pieces the backend and the AI node serve alike: the one JSON error
+//! shape `{"error": {"code", "message"}}`, the mapping of axum's JSON
+//! rejections onto it, the access log line, the shutdown signal, and reading
+//! a TOML config file with errors that name the file.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::Request;
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::de::DeserializeOwned;
+use std::path::Path;
+use std::time::Instant;
+
+/// An error answer: status, machine code, human message. Internals are logged, not put here.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into() }
+    }
+
+    /// 400 for a field that breaks the rules of `ids`.
+    pub fn invalid(e: crate::InvalidInput) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string())
+    }
+
+    pub fn not_found() -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// Bad JSON, wrong types and missing fields are 400 (not axum's 422); too large 413; not JSON 415.
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let message = rejection.body_text();
+        match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", message)
+            }
+            _ => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message),
+        }
+    }
+}
+
+/// The fallback route: a JSON 404.
+pub async fn not_found() -> ApiError {
+    ApiError::not_found()
+}
+
+/// Middleware: one log line per request, at info.
+pub async fn access_log(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    log::info!(
+        "method={method} path={path} status={} duration_ms={:.1}",
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    response
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler can be installed");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}
+
+/// Reads and parses a TOML config file; the error names the file (and toml's line and key).
+pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    toml::from_str::<T>(&text).map_err(|e| format!("{}: {}", path.display(), e.to_string().trim_end()))
+}
