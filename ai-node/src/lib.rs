@@ -12,13 +12,14 @@ pub mod engine;
 pub mod generation;
 pub mod store;
 
+use chat_wire::embedded::Backplane;
 use config::Config;
 use generation::{Generator, Job, Outcome};
 use std::future::Future;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
-use store::{EventStore, RedisStore, Retention};
+use store::{EmbeddedStore, EventStore, RedisStore, Retention};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -76,18 +77,23 @@ impl Node {
 
 /// The Redis store the configuration names.
 pub fn redis_store(config: &Config) -> anyhow::Result<Arc<dyn EventStore>> {
+    store_on(config, &Backplane::Redis(config.redis_url.clone()))
+}
+
+/// The store on `backplane`: Redis, or the embedded bus of the one-process cluster.
+pub fn store_on(config: &Config, backplane: &Backplane) -> anyhow::Result<Arc<dyn EventStore>> {
     let retention = Retention {
         stream_max_len: config.stream_max_len,
         stream_ttl: config.stream_ttl,
         history_max_turns: config.history_max_turns,
         history_ttl: config.stream_ttl.max(config.history_ttl),
     };
-    Ok(Arc::new(RedisStore::new(
-        &config.redis_url,
-        config.redis_connect_timeout,
-        config.redis_command_timeout,
-        retention,
-    )?))
+    Ok(match backplane {
+        Backplane::Redis(url) => {
+            Arc::new(RedisStore::new(url, config.redis_connect_timeout, config.redis_command_timeout, retention)?)
+        }
+        Backplane::Embedded(bus) => Arc::new(EmbeddedStore::new(bus.clone(), retention)),
+    })
 }
 
 /// Serves `node` on `listener` until `shutdown` resolves, then drains.

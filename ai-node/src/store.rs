@@ -8,9 +8,11 @@
 //! on an in-process store where no Redis exists.
 
 use async_trait::async_trait;
+use chat_wire::embedded::EmbeddedBus;
 use chat_wire::redis_conn::RedisConn;
 use chat_wire::{keys, Event};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The store's errors are Redis's: unreachable, timed out, or refused.
@@ -164,6 +166,48 @@ impl EventStore for RedisStore {
                 p.cmd("PING");
             })
             .await?;
+        Ok(())
+    }
+}
+
+/// The embedded store: the same contract on an in-process bus, for the
+/// one-command cluster where no Redis exists.
+pub struct EmbeddedStore {
+    bus: Arc<EmbeddedBus>,
+    retention: Retention,
+}
+
+impl EmbeddedStore {
+    pub fn new(bus: Arc<EmbeddedBus>, retention: Retention) -> Self {
+        EmbeddedStore { bus, retention }
+    }
+}
+
+#[async_trait]
+impl EventStore for EmbeddedStore {
+    async fn claim(&self, request_id: &str, node_id: &str) -> Result<Claim, StoreError> {
+        Ok(match self.bus.claim(request_id, node_id) {
+            None => Claim::Won,
+            Some(holder) => Claim::Taken(holder),
+        })
+    }
+
+    async fn emit(&self, session_id: &str, event: &Event) -> Result<(), StoreError> {
+        self.bus.emit(session_id, event);
+        Ok(())
+    }
+
+    async fn history(&self, session_id: &str) -> Result<Vec<Turn>, StoreError> {
+        Ok(self.bus.history(session_id).iter().filter_map(|s| serde_json::from_str(s).ok()).collect())
+    }
+
+    async fn remember(&self, session_id: &str, turns: &[Turn]) -> Result<(), StoreError> {
+        let items = turns.iter().map(|t| serde_json::to_string(t).expect("a turn serializes")).collect();
+        self.bus.remember(session_id, items, self.retention.history_max_turns, self.retention.history_ttl);
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
 }

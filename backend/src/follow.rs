@@ -8,6 +8,7 @@
 //! `after_seq`. A followed request whose events stop for longer than the
 //! stall timeout is ended with a `node_failed` error, so nobody waits forever.
 
+use chat_wire::embedded::EmbeddedBus;
 use chat_wire::redis_conn::{RedisConn, RedisError};
 use chat_wire::{keys, Event};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -19,21 +20,22 @@ const FINISHED_MEMORY: usize = 512;
 /// Requests followed at once by one reader; past it the oldest is dropped.
 const MAX_FOLLOWED: usize = 64;
 
-/// Reads a request's stored events.
-pub struct Replay {
-    conn: RedisConn,
+/// Reads a request's stored events: from its Redis stream, or from the embedded bus.
+pub enum Replay {
+    Redis(RedisConn),
+    Embedded(Arc<EmbeddedBus>),
 }
 
 impl Replay {
-    pub fn new(conn: RedisConn) -> Replay {
-        Replay { conn }
-    }
-
     /// Every stored event of `request_id` in stream order; `None` when the stream does not exist.
     pub async fn read(&self, request_id: &str) -> Result<Option<Vec<Event>>, RedisError> {
+        let conn = match self {
+            Replay::Redis(conn) => conn,
+            Replay::Embedded(bus) => return Ok(bus.read(request_id)),
+        };
         let mut pipe = redis::pipe();
         pipe.cmd("XRANGE").arg(keys::request_stream(request_id)).arg("-").arg("+");
-        let (entries,): (Vec<(String, HashMap<String, String>)>,) = self.conn.query(&pipe).await?;
+        let (entries,): (Vec<(String, HashMap<String, String>)>,) = conn.query(&pipe).await?;
         if entries.is_empty() {
             return Ok(None);
         }
@@ -43,12 +45,6 @@ impl Replay {
                 .filter_map(|(_, fields)| fields.get("event").and_then(|j| Event::from_json(j).ok()))
                 .collect(),
         ))
-    }
-
-    pub async fn ping(&self) -> bool {
-        let mut pipe = redis::pipe();
-        pipe.cmd("PING");
-        self.conn.query::<(String,)>(&pipe).await.is_ok()
     }
 }
 

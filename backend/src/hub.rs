@@ -10,6 +10,7 @@
 //! detached (its receiver ends), so a slow reader costs a bounded queue.
 
 use crate::metrics::Metrics;
+use chat_wire::embedded::{Backplane, EmbeddedBus};
 use chat_wire::{keys, Event};
 use futures::StreamExt;
 use redis::aio::PubSubSink;
@@ -38,8 +39,15 @@ struct Reader {
     tx: mpsc::Sender<Delivery>,
 }
 
+/// Where live events come from.
+enum Source {
+    Redis(redis::Client),
+    /// The embedded bus carries every session; the hub picks the attached ones.
+    Embedded(Arc<EmbeddedBus>),
+}
+
 pub struct Hub {
-    client: redis::Client,
+    source: Source,
     /// Attached readers by session id.
     readers: Mutex<HashMap<String, Vec<Reader>>>,
     /// The current connection's command half; `None` while disconnected.
@@ -68,16 +76,23 @@ impl Drop for Attachment {
 
 impl Hub {
     /// Starts the hub and its connection task.
-    pub fn start(redis_url: &str, queue: usize, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Hub>> {
+    pub fn start(backplane: &Backplane, queue: usize, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Hub>> {
+        let source = match backplane {
+            Backplane::Redis(url) => Source::Redis(redis::Client::open(url.as_str())?),
+            Backplane::Embedded(bus) => Source::Embedded(bus.clone()),
+        };
         let hub = Arc::new(Hub {
-            client: redis::Client::open(redis_url)?,
+            source,
             readers: Mutex::new(HashMap::new()),
             sink: tokio::sync::Mutex::new(None),
             next_id: AtomicU64::new(1),
             queue,
             metrics,
         });
-        tokio::spawn(hub.clone().run());
+        match &hub.source {
+            Source::Redis(client) => tokio::spawn(hub.clone().run(client.clone())),
+            Source::Embedded(bus) => tokio::spawn(hub.clone().run_embedded(bus.subscribe())),
+        };
         Ok(hub)
     }
 
@@ -133,11 +148,26 @@ impl Hub {
     }
 
     /// Keeps a connection: connect, subscribe all, read until it drops, repeat.
-    async fn run(self: Arc<Self>) {
+    /// The embedded bus: every event of every session arrives here; a lag is a gap, so readers refill.
+    async fn run_embedded(self: Arc<Self>, mut live: tokio::sync::broadcast::Receiver<(String, Arc<Event>)>) {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match live.recv().await {
+                Ok((session, event)) => self.deliver(&session, Delivery::Event(event)),
+                Err(RecvError::Lagged(missed)) => {
+                    log::warn!("embedded bus: {missed} events passed unseen; refilling every reader");
+                    self.broadcast_refill();
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    }
+
+    async fn run(self: Arc<Self>, client: redis::Client) {
         let mut backoff = Duration::from_millis(50);
         let mut first = true;
         loop {
-            let pubsub = match tokio::time::timeout(PUBSUB_TIMEOUT, self.client.get_async_pubsub()).await {
+            let pubsub = match tokio::time::timeout(PUBSUB_TIMEOUT, client.get_async_pubsub()).await {
                 Ok(Ok(p)) => p,
                 failed => {
                     let why = match failed {

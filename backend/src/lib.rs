@@ -14,6 +14,8 @@ pub mod metrics;
 pub mod nodes;
 pub mod ws;
 
+use chat_wire::embedded::Backplane;
+use chat_wire::redis_conn::RedisConn;
 use config::Config;
 use follow::Replay;
 use hub::Hub;
@@ -49,16 +51,23 @@ pub struct App {
 }
 
 impl App {
-    /// Connects what can be connected and checks every AI node once.
+    /// Connects to the configured Redis and checks every AI node once.
     pub async fn start(config: Config) -> anyhow::Result<Arc<App>> {
+        let backplane = Backplane::Redis(config.redis_url.clone());
+        App::start_on(config, &backplane).await
+    }
+
+    /// As `start`, on the given backplane (the embedded bus of the one-process cluster).
+    pub async fn start_on(config: Config, backplane: &Backplane) -> anyhow::Result<Arc<App>> {
         let metrics = Arc::new(Metrics::new());
         let pool = AiPool::start(&config, metrics.clone()).await?;
-        let hub = Hub::start(&config.redis_url, config.ws_send_queue, metrics.clone())?;
-        let conn = chat_wire::redis_conn::RedisConn::new(
-            &config.redis_url,
-            config.redis_connect_timeout,
-            config.redis_command_timeout,
-        )?;
+        let hub = Hub::start(backplane, config.ws_send_queue, metrics.clone())?;
+        let replay = match backplane {
+            Backplane::Redis(url) => {
+                Replay::Redis(RedisConn::new(url, config.redis_connect_timeout, config.redis_command_timeout)?)
+            }
+            Backplane::Embedded(bus) => Replay::Embedded(bus.clone()),
+        };
         let limits = Limits::new(
             config.session_rate_per_sec,
             config.session_burst,
@@ -69,7 +78,7 @@ impl App {
         Ok(Arc::new(App {
             pool,
             hub,
-            replay: Arc::new(Replay::new(conn)),
+            replay: Arc::new(replay),
             limits,
             metrics,
             draining: AtomicBool::new(false),

@@ -334,7 +334,6 @@ async fn backend_killed_mid_stream() {
     seen.extend(more);
     assert!(cut, "the stream cannot have ended on a dead backend's socket: {seen:?}");
     let cut_after = killed_at.elapsed();
-    eprintln!("TEMPDBG cut after {cut_after:?}, seen {:?}", seen.iter().map(|e| e.seq).collect::<Vec<_>>());
     drop(ws);
     assert!(!seen.last().unwrap().is_terminal(), "the kill landed mid-stream: {seen:?}");
     let last_seq = seen.last().unwrap().seq;

@@ -7,6 +7,7 @@
 //! pieces both serve alike (`http`: the JSON error shape, access log, signals,
 //! config file reading).
 
+pub mod embedded;
 pub mod events;
 pub mod http;
 pub mod ids;
