@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 pub use chat_wire::http::ApiError;
+use chat_wire::ledger::RequestRecord;
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::atomic::Ordering;
@@ -42,6 +43,21 @@ pub struct ChatRequest {
     pub user_id: Option<String>,
     #[serde(default)]
     pub request_id: Option<String>,
+    /// Set by a backend taking over a request whose node died mid-stream.
+    #[serde(default)]
+    pub takeover: Option<Takeover>,
+}
+
+/// Continue a request after what was already streamed, as its producer at `epoch`.
+#[derive(Debug, Deserialize)]
+pub struct Takeover {
+    /// The epoch the backend fenced the request at.
+    pub epoch: u64,
+    /// The last `seq` already stored; this node continues at `after_seq + 1`.
+    pub after_seq: u64,
+    /// The answer's text so far, which this node continues.
+    #[serde(default)]
+    pub text: String,
 }
 
 async fn chat(
@@ -77,16 +93,50 @@ async fn chat(
         .engine
         .admit()
         .map_err(|e: EngineError| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "engine_refused", e.to_string()))?;
-    let claim = node.generator.store.claim(&request_id, &node.config.node_id).await.map_err(|e| {
-        log::warn!("request_id={request_id} claim failed: {e}");
+    let store = &node.generator.store;
+    let unavailable = |e: chat_wire::redis_conn::RedisError| {
+        log::warn!("request_id={request_id} store failed: {e}");
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the event store is unreachable")
-    })?;
-    let (holder, duplicate) = match claim {
-        Claim::Taken(holder) => (holder, true),
-        Claim::Won => {
-            let job = Job { request_id: request_id.clone(), session_id: req.session_id.clone(), message: req.message };
+    };
+    let mut job = Job {
+        request_id: request_id.clone(),
+        session_id: req.session_id.clone(),
+        message: req.message.clone(),
+        epoch: 1,
+        after_seq: 0,
+        prefix: String::new(),
+    };
+    let (holder, duplicate) = match req.takeover {
+        Some(takeover) => {
+            if !store.adopt(&request_id, takeover.epoch, &node.config.node_id).await.map_err(unavailable)? {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "stale_takeover",
+                    "the request moved to another epoch",
+                ));
+            }
+            job.epoch = takeover.epoch;
+            job.after_seq = takeover.after_seq;
+            job.prefix = takeover.text;
+            log::info!("request_id={request_id} taken over at epoch {} after seq {}", job.epoch, job.after_seq);
             node.spawn(job, permit);
             (node.config.node_id.clone(), false)
+        }
+        None => {
+            let record = RequestRecord {
+                session_id: req.session_id.clone(),
+                message: req.message,
+                user_id: req.user_id,
+                node: node.config.node_id.clone(),
+                epoch: 1,
+            };
+            match store.claim(&request_id, &record).await.map_err(unavailable)? {
+                Claim::Taken(holder) => (holder, true),
+                Claim::Won => {
+                    node.spawn(job, permit);
+                    (node.config.node_id.clone(), false)
+                }
+            }
         }
     };
     let body = json!({

@@ -3,7 +3,8 @@
 //! waits on silence that the node could have broken.
 
 use crate::engine::{Engine, EngineError, Prompt};
-use crate::store::{EventStore, Turn};
+use crate::store::{Store, Turn};
+use chat_wire::ledger::Emitted;
 use chat_wire::{now_micros, Event};
 use futures::StreamExt;
 use std::sync::Arc;
@@ -21,12 +22,18 @@ pub struct Job {
     pub request_id: String,
     pub session_id: String,
     pub message: String,
+    /// This producer's epoch (1, or more after takeovers); stamped on every event.
+    pub epoch: u64,
+    /// The last `seq` already stored by an earlier producer (0 for a new request).
+    pub after_seq: u64,
+    /// The answer's text already streamed by an earlier producer, which this one continues.
+    pub prefix: String,
 }
 
 /// What the generation task needs from the node.
 pub struct Generator {
     pub node_id: String,
-    pub store: Arc<dyn EventStore>,
+    pub store: Arc<Store>,
     pub engine: Arc<dyn Engine>,
 }
 
@@ -41,6 +48,8 @@ pub enum Outcome {
     },
     /// Redis would not take the events: nobody could be told.
     Unpublished,
+    /// A takeover fenced this producer off: another node continues the answer.
+    Fenced,
 }
 
 impl Generator {
@@ -53,11 +62,12 @@ impl Generator {
                 Vec::new()
             }
         };
-        let prompt = Prompt { message: job.message.clone(), history };
-        let mut seq = 0u64;
-        let mut answer = String::new();
+        let continue_from = (!job.prefix.is_empty()).then(|| job.prefix.clone());
+        let prompt = Prompt { message: job.message.clone(), history, continue_from };
+        let mut seq = job.after_seq;
+        let mut answer = job.prefix.clone();
         let ending = match self.engine.generate(prompt).await {
-            Err(e) => Event::error(&job.request_id, 1, failure_code(&e), e.to_string()),
+            Err(e) => Event::error(&job.request_id, seq + 1, failure_code(&e), e.to_string()),
             Ok(mut pieces) => {
                 let idle = self.engine.idle_timeout();
                 loop {
@@ -83,8 +93,8 @@ impl Generator {
                             if answer.len() < MAX_REMEMBERED_BYTES {
                                 answer.push_str(&delta);
                             }
-                            if !self.emit(&job, Event::chunk(&job.request_id, seq, delta)).await {
-                                return Outcome::Unpublished;
+                            if let Some(stopped) = self.emit(&job, Event::chunk(&job.request_id, seq, delta)).await {
+                                return stopped;
                             }
                         }
                     }
@@ -95,8 +105,8 @@ impl Generator {
             None => Outcome::Done { chunks: seq },
             Some(code) => Outcome::Failed { code: code.clone() },
         };
-        if !self.emit(&job, ending).await {
-            return Outcome::Unpublished;
+        if let Some(stopped) = self.emit(&job, ending).await {
+            return stopped;
         }
         if let Outcome::Done { .. } = outcome {
             let turns = [
@@ -110,13 +120,23 @@ impl Generator {
         outcome
     }
 
-    /// Stamps and emits one event, retrying briefly; false when Redis would not take it.
-    async fn emit(&self, job: &Job, mut event: Event) -> bool {
+    /// Stamps and emits one event, retrying briefly; `Some(outcome)` when the answer must stop
+    /// (Redis would not take it, or a takeover fenced this producer off).
+    async fn emit(&self, job: &Job, mut event: Event) -> Option<Outcome> {
         event.node = Some(self.node_id.clone());
+        event.epoch = Some(job.epoch);
         for attempt in 1..=EMIT_ATTEMPTS {
             event.ts_us = Some(now_micros());
             match self.store.emit(&job.session_id, &event).await {
-                Ok(()) => return true,
+                Ok(Emitted::Published) => return None,
+                Ok(Emitted::Fenced) => {
+                    log::info!(
+                        "request_id={} seq={} fenced off: another node took the request over",
+                        job.request_id,
+                        event.seq
+                    );
+                    return Some(Outcome::Fenced);
+                }
                 Err(e) if attempt < EMIT_ATTEMPTS => {
                     log::warn!(
                         "request_id={} seq={} emit failed (attempt {attempt}), retrying: {e}",
@@ -130,7 +150,7 @@ impl Generator {
                 }
             }
         }
-        false
+        Some(Outcome::Unpublished)
     }
 }
 

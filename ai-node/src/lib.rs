@@ -19,7 +19,7 @@ use std::future::Future;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
-use store::{EmbeddedStore, EventStore, RedisStore, Retention};
+use store::{Retention, Store};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -43,7 +43,7 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn new(config: Config, store: Arc<dyn EventStore>, engine: Arc<dyn engine::Engine>) -> Arc<Node> {
+    pub fn new(config: Config, store: Arc<Store>, engine: Arc<dyn engine::Engine>) -> Arc<Node> {
         let generator = Arc::new(Generator { node_id: config.node_id.clone(), store, engine });
         Arc::new(Node {
             permits: Arc::new(Semaphore::new(config.max_concurrent_streams)),
@@ -76,24 +76,19 @@ impl Node {
 }
 
 /// The Redis store the configuration names.
-pub fn redis_store(config: &Config) -> anyhow::Result<Arc<dyn EventStore>> {
+pub fn redis_store(config: &Config) -> anyhow::Result<Arc<Store>> {
     store_on(config, &Backplane::Redis(config.redis_url.clone()))
 }
 
 /// The store on `backplane`: Redis, or the embedded bus of the one-process cluster.
-pub fn store_on(config: &Config, backplane: &Backplane) -> anyhow::Result<Arc<dyn EventStore>> {
+pub fn store_on(config: &Config, backplane: &Backplane) -> anyhow::Result<Arc<Store>> {
     let retention = Retention {
         stream_max_len: config.stream_max_len,
         stream_ttl: config.stream_ttl,
         history_max_turns: config.history_max_turns,
         history_ttl: config.stream_ttl.max(config.history_ttl),
     };
-    Ok(match backplane {
-        Backplane::Redis(url) => {
-            Arc::new(RedisStore::new(url, config.redis_connect_timeout, config.redis_command_timeout, retention)?)
-        }
-        Backplane::Embedded(bus) => Arc::new(EmbeddedStore::new(bus.clone(), retention)),
-    })
+    Ok(Arc::new(Store::on(backplane, config.redis_connect_timeout, config.redis_command_timeout, retention)?))
 }
 
 /// Serves `node` on `listener` until `shutdown` resolves, then drains.

@@ -92,7 +92,13 @@ pub async fn start_chat(
             return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "this backend is shutting down"));
         }
         app.limits.admit_chat(&body.session_id, ip).map_err(limited)?;
-        let chat = NodeChat { request_id, session_id: body.session_id, message: body.message, user_id: body.user_id };
+        let chat = NodeChat {
+            request_id,
+            session_id: body.session_id,
+            message: body.message,
+            user_id: body.user_id,
+            takeover: None,
+        };
         Ok(app.pool.dispatch(&chat).await?)
     }
     .await;
@@ -142,7 +148,7 @@ async fn chat(
 async fn sse(app: Arc<App>, mut attachment: crate::hub::Attachment, request_id: String) -> impl IntoResponse {
     let (tx, rx) = tokio::sync::mpsc::channel::<axum::response::sse::Event>(64);
     tokio::spawn(async move {
-        let mut follower = Follower::new(app.replay.clone(), app.config.stall_timeout);
+        let mut follower = Follower::new(app.ledger.clone(), Some(app.takeovers.clone()), app.config.stall_timeout);
         let mut pending = follower.start(&request_id).await;
         let mut tick = tokio::time::interval(crate::STALL_TICK);
         loop {

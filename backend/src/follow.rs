@@ -6,11 +6,14 @@
 //! reconnect), and the gap is filled from the request's Redis stream, which
 //! is never behind pub/sub. Resume is the same mechanism started from
 //! `after_seq`. A followed request whose events stop for longer than the
-//! stall timeout is ended with a `node_failed` error, so nobody waits forever.
+//! stall timeout is handed to `takeover` (another node continues it); if it
+//! is still silent a period later, it is ended with a `node_failed` error, so
+//! nobody waits forever.
 
-use chat_wire::embedded::EmbeddedBus;
-use chat_wire::redis_conn::{RedisConn, RedisError};
-use chat_wire::{keys, Event};
+use crate::takeover::Takeovers;
+use chat_wire::ledger::Ledger;
+use chat_wire::redis_conn::RedisError;
+use chat_wire::Event;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,34 +22,6 @@ use std::time::{Duration, Instant};
 const FINISHED_MEMORY: usize = 512;
 /// Requests followed at once by one reader; past it the oldest is dropped.
 const MAX_FOLLOWED: usize = 64;
-
-/// Reads a request's stored events: from its Redis stream, or from the embedded bus.
-pub enum Replay {
-    Redis(RedisConn),
-    Embedded(Arc<EmbeddedBus>),
-}
-
-impl Replay {
-    /// Every stored event of `request_id` in stream order; `None` when the stream does not exist.
-    pub async fn read(&self, request_id: &str) -> Result<Option<Vec<Event>>, RedisError> {
-        let conn = match self {
-            Replay::Redis(conn) => conn,
-            Replay::Embedded(bus) => return Ok(bus.read(request_id)),
-        };
-        let mut pipe = redis::pipe();
-        pipe.cmd("XRANGE").arg(keys::request_stream(request_id)).arg("-").arg("+");
-        let (entries,): (Vec<(String, HashMap<String, String>)>,) = conn.query(&pipe).await?;
-        if entries.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(
-            entries
-                .into_iter()
-                .filter_map(|(_, fields)| fields.get("event").and_then(|j| Event::from_json(j).ok()))
-                .collect(),
-        ))
-    }
-}
 
 struct Track {
     last_seq: u64,
@@ -63,7 +38,9 @@ pub enum ResumeError {
 }
 
 pub struct Follower {
-    replay: Arc<Replay>,
+    replay: Arc<Ledger>,
+    /// Started for a request that went silent; `None` only ends such requests.
+    takeovers: Option<Arc<Takeovers>>,
     tracks: HashMap<String, Track>,
     /// Order in which tracks were opened, to bound them.
     opened: VecDeque<String>,
@@ -75,9 +52,10 @@ pub struct Follower {
 }
 
 impl Follower {
-    pub fn new(replay: Arc<Replay>, stall_timeout: Duration) -> Follower {
+    pub fn new(replay: Arc<Ledger>, takeovers: Option<Arc<Takeovers>>, stall_timeout: Duration) -> Follower {
         Follower {
             replay,
+            takeovers,
             tracks: HashMap::new(),
             opened: VecDeque::new(),
             finished: HashSet::new(),
@@ -211,9 +189,13 @@ impl Follower {
             }
             let Some(track) = self.tracks.get_mut(&id) else { continue };
             if !track.suspect {
-                // One more period of grace after an empty read: a slow first token is not a death.
+                // The producer went silent: another node takes the request over (one
+                // backend wins the fence); readers give it one more stall period.
                 track.suspect = true;
-                track.last_progress = now - self.stall_timeout / 2;
+                track.last_progress = now;
+                if let Some(takeovers) = &self.takeovers {
+                    takeovers.start(&id);
+                }
                 continue;
             }
             let seq = track.last_seq + 1;

@@ -12,12 +12,12 @@ pub mod hub;
 pub mod limits;
 pub mod metrics;
 pub mod nodes;
+pub mod takeover;
 pub mod ws;
 
 use chat_wire::embedded::Backplane;
-use chat_wire::redis_conn::RedisConn;
+use chat_wire::ledger::Ledger;
 use config::Config;
-use follow::Replay;
 use hub::Hub;
 use limits::Limits;
 use metrics::Metrics;
@@ -27,9 +27,14 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
+use takeover::Takeovers;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// Cap and lifetime of what the backend itself stores (a takeover's `node_failed`).
+const STREAM_MAX_LEN: usize = 10_000;
+const STREAM_TTL: Duration = Duration::from_secs(600);
 
 /// How often followed requests are checked for stalls.
 pub const STALL_TICK: Duration = Duration::from_millis(250);
@@ -39,7 +44,8 @@ pub struct App {
     pub config: Config,
     pub pool: Arc<AiPool>,
     pub hub: Arc<Hub>,
-    pub replay: Arc<Replay>,
+    pub ledger: Arc<Ledger>,
+    pub takeovers: Arc<Takeovers>,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
     /// Set on shutdown: health answers 503, chats and new sockets are refused.
@@ -62,12 +68,14 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let pool = AiPool::start(&config, metrics.clone()).await?;
         let hub = Hub::start(backplane, config.ws_send_queue, metrics.clone())?;
-        let replay = match backplane {
-            Backplane::Redis(url) => {
-                Replay::Redis(RedisConn::new(url, config.redis_connect_timeout, config.redis_command_timeout)?)
-            }
-            Backplane::Embedded(bus) => Replay::Embedded(bus.clone()),
-        };
+        let ledger = Arc::new(Ledger::on(
+            backplane,
+            config.redis_connect_timeout,
+            config.redis_command_timeout,
+            STREAM_MAX_LEN,
+            STREAM_TTL,
+        )?);
+        let takeovers = Takeovers::new(ledger.clone(), pool.clone(), metrics.clone());
         let limits = Limits::new(
             config.session_rate_per_sec,
             config.session_burst,
@@ -78,7 +86,8 @@ impl App {
         Ok(Arc::new(App {
             pool,
             hub,
-            replay: Arc::new(replay),
+            ledger,
+            takeovers,
             limits,
             metrics,
             draining: AtomicBool::new(false),

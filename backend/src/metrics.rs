@@ -25,6 +25,8 @@ pub struct Metrics {
     pub slow_consumers: IntCounter,
     /// Requests ended with `node_failed` because their events stopped.
     pub stalls: IntCounter,
+    /// Mid-stream takeovers by outcome (`continued`, `failed`, `lost_race`, ...).
+    pub takeovers: IntCounterVec,
 }
 
 impl Metrics {
@@ -57,6 +59,9 @@ impl Metrics {
         let slow_consumers =
             IntCounter::new("backend_ws_slow_consumers_total", "Sockets closed for reading too slowly").unwrap();
         let stalls = IntCounter::new("backend_stalled_requests_total", "Requests ended with node_failed").unwrap();
+        let takeovers =
+            IntCounterVec::new(Opts::new("backend_takeovers_total", "Mid-stream takeovers by outcome"), &["outcome"])
+                .unwrap();
         for c in [
             Box::new(chats.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(dispatch.clone()),
@@ -69,6 +74,7 @@ impl Metrics {
             Box::new(pubsub_reconnects.clone()),
             Box::new(slow_consumers.clone()),
             Box::new(stalls.clone()),
+            Box::new(takeovers.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -85,6 +91,7 @@ impl Metrics {
             pubsub_reconnects,
             slow_consumers,
             stalls,
+            takeovers,
         }
     }
 

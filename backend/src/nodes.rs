@@ -31,6 +31,17 @@ pub struct NodeChat {
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
+    /// Set when continuing a request whose node died mid-stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub takeover: Option<TakeoverBody>,
+}
+
+/// The continuation the new node is asked for (see `takeover`).
+#[derive(Debug, Clone, Serialize)]
+pub struct TakeoverBody {
+    pub epoch: u64,
+    pub after_seq: u64,
+    pub text: String,
 }
 
 /// A node's acceptance.

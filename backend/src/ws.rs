@@ -104,7 +104,7 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr)
     let _active = Active(app.clone());
     let (mut tx, mut rx) = socket.split();
     let mut attachment = app.hub.attach(&session_id).await;
-    let mut follower = Follower::new(app.replay.clone(), app.config.stall_timeout);
+    let mut follower = Follower::new(app.ledger.clone(), Some(app.takeovers.clone()), app.config.stall_timeout);
     let (done_tx, mut done_rx) = mpsc::channel::<(String, Result<Accepted, crate::api::ApiError>)>(MAX_DISPATCHING);
     let mut dispatching = 0usize;
     let mut stall_tick = tokio::time::interval(crate::STALL_TICK);

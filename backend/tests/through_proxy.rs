@@ -354,3 +354,35 @@ async fn backend_killed_mid_stream() {
     assert_eq!(all.len() as u64, pace.events(), "every seq once, 1 to done (socket cut {cut_after:?} after the kill)");
     ws.assert_silent(Duration::from_millis(500)).await;
 }
+
+#[tokio::test]
+async fn every_websocket_through_the_proxy_carries_frames_both_ways() {
+    build_binaries();
+    tokio::time::timeout(TEST_WAIT, many_websockets()).await.expect("the test ran out of time");
+}
+
+/// Opens socket after socket through the proxy, each answering a first frame
+/// sent right after the upgrade, so a tunnel the proxy tears down at once
+/// (a race between the 101 and the end of the upgrade request's empty body)
+/// shows up as a reset instead of an answer.
+async fn many_websockets() {
+    const SOCKETS: usize = 40;
+    let redis = redis_url();
+    let node = AiNode::start(&redis, Pace::QUICK).await;
+    let backend = Backend::start(&redis, &[&node]).await;
+    let proxy = Proxy::start(&[&backend]).await;
+    for i in 0..SOCKETS {
+        // Leaves an idle upstream connection in the proxy's pool for the
+        // upgrade to reuse, as a client's earlier requests would.
+        let res = http().get(proxy.url("/api/ai-health")).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        let (mut ws, _) = Ws::connect_url(&proxy.ws_url(&unique("s"))).await;
+        ws.send_json(json!({"type": "no-such-frame", "n": i})).await;
+        let frame = ws
+            .next_frame_or_cut(EVENT_WAIT)
+            .await
+            .unwrap_or_else(|cut| panic!("socket {i} of {SOCKETS} through the proxy was cut before any answer: {cut}"));
+        assert_eq!(frame["type"], "error", "{frame}");
+        assert_eq!(frame["code"], "invalid_frame", "{frame}");
+    }
+}

@@ -4,6 +4,7 @@
 //! Redis layout. It only works when the AI nodes and the backends share one
 //! process (the `cluster` binary); Redis is the real thing.
 
+use crate::ledger::RequestRecord;
 use crate::Event;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -32,7 +33,7 @@ pub struct EmbeddedBus {
 #[derive(Default)]
 struct Inner {
     logs: HashMap<String, (VecDeque<Event>, Instant)>,
-    claims: HashMap<String, (String, Instant)>,
+    claims: HashMap<String, (RequestRecord, Instant)>,
     histories: HashMap<String, (VecDeque<String>, Instant)>,
     emits: u64,
 }
@@ -44,23 +45,62 @@ impl EmbeddedBus {
         Arc::new(EmbeddedBus { inner: Mutex::new(Inner::default()), live, max_len, ttl })
     }
 
-    /// Claims `request_id` for `node_id`; returns the holder when it was already claimed.
-    pub fn claim(&self, request_id: &str, node_id: &str) -> Option<String> {
+    /// Claims a request for `record.node` at epoch 1; returns the holder when it was already claimed.
+    pub fn claim(&self, request_id: &str, record: &RequestRecord) -> Option<String> {
         let mut inner = self.inner.lock().unwrap();
         let now = Instant::now();
         match inner.claims.get(request_id) {
-            Some((holder, expires)) if *expires > now => Some(holder.clone()),
+            Some((held, expires)) if *expires > now => Some(held.node.clone()),
             _ => {
-                inner.claims.insert(request_id.to_owned(), (node_id.to_owned(), now + self.ttl));
+                inner
+                    .claims
+                    .insert(request_id.to_owned(), (RequestRecord { epoch: 1, ..record.clone() }, now + self.ttl));
                 None
             }
         }
     }
 
-    /// Appends `event` to its request's log, then publishes it to the session's readers.
-    pub fn emit(&self, session_id: &str, event: &Event) {
+    /// Moves the request from `expected` to the next epoch; `Err(current)` when it is not at `expected`.
+    pub fn fence(&self, request_id: &str, expected: u64) -> Result<u64, u64> {
+        let mut inner = self.inner.lock().unwrap();
+        match inner.claims.get_mut(request_id) {
+            Some((record, _)) if record.epoch == expected => {
+                record.epoch += 1;
+                record.node = "takeover".into();
+                Ok(record.epoch)
+            }
+            Some((record, _)) => Err(record.epoch),
+            None => Err(0),
+        }
+    }
+
+    /// Takes over the request at `epoch` for `node`; false when the epoch moved on.
+    pub fn adopt(&self, request_id: &str, epoch: u64, node: &str) -> bool {
+        let mut inner = self.inner.lock().unwrap();
+        match inner.claims.get_mut(request_id) {
+            Some((record, _)) if record.epoch == epoch => {
+                record.node = node.to_owned();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// What was asked, by whom it is produced, at which epoch.
+    pub fn record(&self, request_id: &str) -> Option<RequestRecord> {
+        self.inner.lock().unwrap().claims.get(request_id).map(|(r, _)| r.clone())
+    }
+
+    /// Appends `event` to its request's log, then publishes it to the session's
+    /// readers; refused (false) when the event's epoch is not the request's.
+    pub fn emit(&self, session_id: &str, event: &Event) -> bool {
         {
             let mut inner = self.inner.lock().unwrap();
+            if let (Some((record, _)), Some(epoch)) = (inner.claims.get(&event.request_id), event.epoch) {
+                if record.epoch != epoch {
+                    return false;
+                }
+            }
             let expires = Instant::now() + self.ttl;
             let (log, until) = inner.logs.entry(event.request_id.clone()).or_insert_with(|| (VecDeque::new(), expires));
             log.push_back(event.clone());
@@ -78,6 +118,7 @@ impl EmbeddedBus {
         }
         // No receiver is not an error: nobody is listening to this session.
         let _ = self.live.send((session_id.to_owned(), Arc::new(event.clone())));
+        true
     }
 
     /// Every stored event of `request_id`; `None` when there is no such log.
@@ -132,7 +173,7 @@ mod tests {
         let bus = EmbeddedBus::new(3, Duration::from_secs(60));
         let mut live = bus.subscribe();
         for seq in 1..=4 {
-            bus.emit("s", &Event::chunk("r", seq, "x"));
+            assert!(bus.emit("s", &Event::chunk("r", seq, "x")));
         }
         let (session, first) = live.recv().await.unwrap();
         assert_eq!((session.as_str(), first.seq), ("s", 1));
@@ -141,10 +182,26 @@ mod tests {
         assert!(bus.read("other").is_none());
     }
 
+    fn record(node: &str) -> RequestRecord {
+        RequestRecord { session_id: "s".into(), message: "m".into(), user_id: None, node: node.into(), epoch: 0 }
+    }
+
     #[test]
-    fn a_request_is_claimed_once() {
+    fn a_request_is_claimed_once_and_fenced_epochs_cannot_emit() {
         let bus = EmbeddedBus::new(10, Duration::from_secs(60));
-        assert_eq!(bus.claim("r", "ai-1"), None);
-        assert_eq!(bus.claim("r", "ai-2"), Some("ai-1".to_owned()));
+        assert_eq!(bus.claim("r", &record("ai-1")), None);
+        assert_eq!(bus.claim("r", &record("ai-2")), Some("ai-1".to_owned()));
+        let mut old = Event::chunk("r", 1, "a");
+        old.epoch = Some(1);
+        assert!(bus.emit("s", &old));
+        assert_eq!(bus.fence("r", 1), Ok(2));
+        assert_eq!(bus.fence("r", 1), Err(2), "only one takeover wins");
+        let mut late = Event::chunk("r", 2, "b");
+        late.epoch = Some(1);
+        assert!(!bus.emit("s", &late), "the old producer is fenced off");
+        assert!(bus.adopt("r", 2, "ai-2"));
+        late.epoch = Some(2);
+        assert!(bus.emit("s", &late));
+        assert_eq!(bus.record("r").unwrap().node, "ai-2");
     }
 }

@@ -43,6 +43,9 @@ pub struct Event {
     /// Id of the AI node that produced the event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The producer's epoch: 1 for the first node, one more for each takeover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 impl Event {
@@ -72,6 +75,7 @@ impl Event {
             message: None,
             ts_us: None,
             node: None,
+            epoch: None,
         }
     }
 

@@ -12,6 +12,7 @@ pub mod events;
 pub mod http;
 pub mod ids;
 pub mod keys;
+pub mod ledger;
 pub mod redis_conn;
 
 pub use events::{now_micros, Event, EventKind};

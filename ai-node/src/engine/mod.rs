@@ -32,6 +32,9 @@ pub struct Prompt {
     pub message: String,
     /// Earlier turns of the session, oldest first.
     pub history: Vec<Turn>,
+    /// The answer so far, when this node takes over from one that died: the
+    /// engine streams only what comes after it.
+    pub continue_from: Option<String>,
 }
 
 /// Text pieces in order; an `Err` ends the answer as failed.

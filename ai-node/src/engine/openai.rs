@@ -34,6 +34,11 @@ impl OpenAiEngine {
         }
         messages.extend(prompt.history.iter().map(|t| json!({"role": t.role, "content": t.content})));
         messages.push(json!({"role": "user", "content": prompt.message}));
+        if let Some(partial) = &prompt.continue_from {
+            // Taking over from a node that died: the model continues its own partial answer.
+            messages.push(json!({"role": "assistant", "content": partial}));
+            messages.push(json!({"role": "user", "content": "Continue your answer exactly where it stopped, without repeating anything."}));
+        }
         let mut body = json!({"model": self.config.model, "messages": messages, "stream": true});
         if let Some(max) = self.config.max_tokens {
             body["max_tokens"] = json!(max);

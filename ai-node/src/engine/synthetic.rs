@@ -65,7 +65,17 @@ impl Engine for SyntheticEngine {
     }
 
     async fn generate(&self, prompt: Prompt) -> Result<TextStream, EngineError> {
-        let pieces = synthetic_text(&prompt.message, self.config.answer_tokens);
+        let mut pieces = synthetic_text(&prompt.message, self.config.answer_tokens);
+        if let Some(done) = &prompt.continue_from {
+            // The text is deterministic: skip the pieces the earlier node already streamed.
+            let mut covered = 0;
+            let skip = pieces.iter().take_while(|p| {
+                covered += p.len();
+                covered <= done.len()
+            });
+            let skip = skip.count();
+            pieces.drain(..skip);
+        }
         let die_at = (self.config.die_ratio > 0.0 && fastrand::f64() < self.config.die_ratio)
             .then(|| fastrand::usize(1..=pieces.len().max(1)));
         let first = self.config.first_token;

@@ -648,3 +648,26 @@ impl Ws {
         }
     }
 }
+
+impl Ws {
+    /// The next JSON text frame, or how the socket ended (closed, failed or
+    /// silent for `within`) instead of a panic.
+    pub async fn next_frame_or_cut(&mut self, within: Duration) -> Result<Value, String> {
+        if let Some(frame) = self.pending.pop_front() {
+            return Ok(frame);
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.socket.next()).await {
+                Err(_) => return Err(format!("no frame within {within:?}")),
+                Ok(None) => return Err("socket ended without a close frame".into()),
+                Ok(Some(Err(e))) => return Err(format!("socket failed: {e}")),
+                Ok(Some(Ok(Message::Close(frame)))) => return Err(format!("closed: {frame:?}")),
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    return serde_json::from_str(text.as_str()).map_err(|e| format!("non-JSON text ({e}): {text}"))
+                }
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+}
