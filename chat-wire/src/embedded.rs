@@ -112,7 +112,7 @@ impl EmbeddedBus {
                 claim.1 = expires;
             }
             inner.emits += 1;
-            if inner.emits % SWEEP_EVERY == 0 {
+            if inner.emits.is_multiple_of(SWEEP_EVERY) {
                 inner.sweep();
             }
         }

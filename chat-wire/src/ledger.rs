@@ -1,9 +1,9 @@
 //! The ledger of requests: who produces each request, at which epoch, and the
 //! events produced so far. Backed by Redis or by the embedded bus.
 //!
-//! Ownership is fenced by an epoch. The first node claims a request at epoch
-//! 1. A takeover first `fence`s the request (epoch + 1, one winner), then the
-//! new node `adopt`s it at that epoch. Every event carries its producer's
+//! Ownership is fenced by an epoch. The first node claims a request at the
+//! first epoch. A takeover first `fence`s the request (epoch + 1, one winner),
+//! then the new node `adopt`s it at that epoch. Every event carries its producer's
 //! epoch, and `emit` stores and publishes it only when that epoch is still
 //! the request's: a slow old node can never interleave with its successor.
 //! In Redis each of these is one Lua script, so the check and the writes are
