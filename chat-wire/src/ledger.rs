@@ -69,7 +69,8 @@ return 1
 
 pub enum Ledger {
     Redis {
-        conn: RedisConn,
+        /// Boxed: a connection is much larger than the embedded variant.
+        conn: Box<RedisConn>,
         /// Approximate cap of a request's stream.
         max_len: usize,
         /// Lifetime of a stream and a claim after their last write.
