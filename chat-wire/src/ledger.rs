@@ -90,7 +90,7 @@ impl Ledger {
     ) -> Result<Ledger, RedisError> {
         Ok(match backplane {
             Backplane::Redis(url) => {
-                Ledger::Redis { conn: RedisConn::new(url, connect_timeout, command_timeout)?, max_len, ttl }
+                Ledger::Redis { conn: Box::new(RedisConn::new(url, connect_timeout, command_timeout)?), max_len, ttl }
             }
             Backplane::Embedded(bus) => Ledger::Embedded(bus.clone()),
         })
