@@ -13,11 +13,9 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends cmake \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY Cargo.toml Cargo.lock rustfmt.toml ./
-COPY chat-wire chat-wire
-COPY ai-node ai-node
-COPY backend backend
-COPY proxy proxy
+# The whole workspace (every member's manifest must be there for cargo to
+# load it); .dockerignore keeps target/ and .git out of the context.
+COPY . .
 # The caches keep the registry and the target dir between builds; the binaries
 # are copied out of the cached target dir, which the next stage cannot see.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

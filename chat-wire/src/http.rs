@@ -62,13 +62,16 @@ pub async fn not_found() -> ApiError {
     ApiError::not_found()
 }
 
-/// Middleware: one log line per request, at info.
+/// Middleware: one log line per request, at info (health checks at debug).
 pub async fn access_log(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let response = next.run(request).await;
-    log::info!(
+    // Health checks come every few seconds from every checker: keep them out of the info log.
+    let level = if path == "/health" { log::Level::Debug } else { log::Level::Info };
+    log::log!(
+        level,
         "method={method} path={path} status={} duration_ms={:.1}",
         response.status().as_u16(),
         started.elapsed().as_secs_f64() * 1000.0
