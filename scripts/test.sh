@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The project's test command (the README's, and what .ci/run runs).
 # On a fresh Debian machine with only the Rust toolchain it installs what the
-# build and the tests need, makes sure a Redis answers, then runs every test.
+# build and the tests need, makes sure a Redis answers, runs every cargo test,
+# then the browser test of the chat page against a cluster it starts.
+# Arguments go to `cargo test`; with any, the browser test is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/setup.sh
 source scripts/setup.sh
 
 ensure_build_tools
@@ -11,3 +14,19 @@ ensure_redis
 
 echo "== cargo test (Redis at $TEST_REDIS_URL)"
 cargo test --workspace --locked "$@"
+[ $# -eq 0 ] || exit 0
+
+echo "== browser test: the chat page through the proxy, in headless Chromium"
+cargo build --locked -p cluster -p proxy
+log=$(mktemp "${TMPDIR:-/tmp}/chat-cluster.XXXXXX.log")
+target/debug/cluster --port 0 --status-port 0 --redis "$TEST_REDIS_URL" >"$log" 2>&1 &
+cluster=$!
+trap 'kill $cluster 2>/dev/null || true; wait $cluster 2>/dev/null || true' EXIT
+for _ in $(seq 600); do
+  grep -q "chat cluster is up" "$log" && break
+  kill -0 $cluster 2>/dev/null || { cat "$log"; echo "the cluster exited"; exit 1; }
+  sleep 0.1
+done
+url=$(sed -n 's|^  chat page *\(http://[^ ]*\)/$|\1|p' "$log")
+[ -n "$url" ] || { cat "$log"; echo "the cluster did not come up"; exit 1; }
+scripts/e2e_page.sh "$url"

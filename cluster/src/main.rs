@@ -20,10 +20,10 @@ use tokio::sync::watch;
 #[derive(Parser)]
 #[command(version, about = "Run the whole chat cluster: proxy, backends and AI nodes.")]
 struct Args {
-    /// Public port of the proxy.
+    /// Public port of the proxy (0: a free one, printed).
     #[arg(long, env = "CLUSTER_PORT", default_value_t = 8080)]
     port: u16,
-    /// Status port of the proxy (/nginx-status, /metrics, /upstreams), on 127.0.0.1.
+    /// Status port of the proxy (/nginx-status, /metrics, /upstreams), on 127.0.0.1 (0: a free one).
     #[arg(long, env = "CLUSTER_STATUS_PORT", default_value_t = 8090)]
     status_port: u16,
     /// AI nodes to run.
@@ -49,7 +49,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let args = Args::parse();
+    let mut args = Args::parse();
+    args.port = free_port_if_zero(args.port)?;
+    args.status_port = free_port_if_zero(args.status_port)?;
     let (backplane, redis_note) = choose_backplane(&args).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |rx: &watch::Receiver<bool>| {
@@ -135,6 +137,14 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("stopped.");
     Ok(())
+}
+
+/// `port`, or a port free now when it is 0 (the proxy binds it right after).
+fn free_port_if_zero(port: u16) -> anyhow::Result<u16> {
+    if port != 0 {
+        return Ok(port);
+    }
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Redis when asked for or when one answers on the default address; the embedded bus otherwise.
