@@ -1,0 +1,176 @@
+//! Faults the cluster must survive: Redis restarted mid-stream, and a client
+//! that stops reading. Nothing hangs, no process exits, memory stays bounded.
+
+mod common;
+
+use common::*;
+use futures::{SinkExt, StreamExt};
+use serde_json::json;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A redis-server on a fixed port of its own (picked free), that can be stopped and started again.
+struct RestartableRedis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RestartableRedis {
+    fn start() -> RestartableRedis {
+        let mut redis = RestartableRedis { port: free_port(), child: None };
+        redis.up();
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn up(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed");
+        self.child = Some(child);
+        let client = redis::Client::open(self.url()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(300)) {
+                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server on {} did not come up", self.port);
+    }
+
+    fn down(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RestartableRedis {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+}
+
+#[tokio::test]
+async fn redis_restarted_mid_stream_every_component_recovers_and_nothing_hangs() {
+    let mut redis = RestartableRedis::start();
+    let node = AiNode::start(&redis.url(), Pace::SLOW).await;
+    let backend = Backend::builder(&redis.url(), &[&node]).set("stream", "stall_timeout_ms", 1_000).start().await;
+    backend.wait_healthy_nodes(1).await;
+
+    let mut ws = Ws::connect(&backend, &unique("s")).await;
+    let accepted = ws.chat("a long answer across an outage").await;
+    let first = ws.next_event(&accepted.request_id, EVENT_WAIT).await;
+    assert_eq!(first.seq, 1);
+
+    redis.down();
+    // During the outage: a clear 503 with the JSON error, quickly.
+    let started = Instant::now();
+    let res = backend.post_chat(&json!({"session_id": unique("s"), "message": "anyone?"})).await;
+    assert_eq!(res.status(), 503, "a chat during the outage is refused");
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert!(body["error"]["code"].is_string(), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(10), "the refusal took {:?}", started.elapsed());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.up();
+
+    // The stream in flight completes or ends with an error event: it never hangs.
+    let mut last = first;
+    while !last.is_terminal() {
+        let event = ws.next_event(&accepted.request_id, Duration::from_secs(15)).await;
+        assert!(event.seq > last.seq, "seq only grows: {event:?} after {last:?}");
+        last = event;
+    }
+    assert!(last.finish_reason.is_some() || last.code.is_some(), "{last:?}");
+
+    // Everything reconnects on its own: a new chat streams completely on the same socket.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let accepted = loop {
+        let res = backend.post_chat(&json!({"session_id": "probe", "message": "ping"})).await;
+        if res.status() == 202 {
+            break ws.chat("are you back?").await;
+        }
+        assert!(Instant::now() < deadline, "the cluster did not recover after Redis came back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_complete(&ws.until_end(&accepted.request_id).await, 1);
+    assert!(alive(backend.pid()), "the backend is still running");
+    let metrics = http().get(backend.metrics_url()).send().await.unwrap().text().await.unwrap();
+    let reconnects = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("backend_pubsub_reconnects_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(reconnects >= 1, "the pub/sub connection was re-made: {reconnects}");
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_with_1013_and_backend_memory_stays_bounded() {
+    let redis = redis_url();
+    // Fast, long answers: far more than socket buffers and the queue hold.
+    let pace = Pace { first_token_ms: 1, tokens_per_second: 0.0, answer_tokens: 3_000 };
+    let node = AiNode::start(&redis, pace).await;
+    let backend = Backend::builder(&redis, &[&node])
+        .set("limits", "ws_send_queue", 64)
+        .set("limits", "ws_send_timeout_ms", 1_000)
+        .start()
+        .await;
+    backend.wait_healthy_nodes(1).await;
+    let before = rss_kib(backend.pid());
+
+    let url = backend.ws_url(&unique("s"));
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    for i in 0..10 {
+        let frame = json!({"type": "chat", "message": format!("flood me {i}")}).to_string();
+        socket.send(Message::text(frame)).await.unwrap();
+    }
+    // Read nothing while ~30,000 events are produced for this socket.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let during = rss_kib(backend.pid());
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut read = 0u64;
+    let close = loop {
+        match tokio::time::timeout_at(deadline, socket.next()).await.expect("no close frame in time") {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => read += 1,
+            Some(Err(e)) => panic!("socket failed without a close frame after {read} frames: {e}"),
+            None => panic!("socket ended without a close frame after {read} frames"),
+        }
+    };
+    let code: u16 = close.expect("a close code").code.into();
+    assert_eq!(code, 1013, "a reader too slow is told to come back later");
+    eprintln!("backend RSS: {before} KiB before, {during} KiB while the client did not read; {read} frames read");
+    assert!(during < before + 64 * 1024, "memory grew from {before} to {during} KiB");
+    assert!(alive(backend.pid()));
+    // The backend still serves others.
+    let mut ws = Ws::connect(&backend, &unique("s")).await;
+    let accepted = ws.chat("still there?").await;
+    assert!(ws.until_end(&accepted.request_id).await.last().unwrap().is_terminal());
+}
