@@ -174,3 +174,75 @@ async fn a_client_that_stops_reading_is_closed_with_1013_and_backend_memory_stay
     let accepted = ws.chat("still there?").await;
     assert!(ws.until_end(&accepted.request_id).await.last().unwrap().is_terminal());
 }
+
+/// An `ai-node` process on a given port (to restart a killed node where it was).
+fn spawn_node_on(url: &str, node_id: &str, redis_url: &str) -> Child {
+    let addr = url.trim_start_matches("http://");
+    Command::new(ai_node_bin())
+        .env("LISTEN_ADDR", addr)
+        .env("REDIS_URL", redis_url)
+        .env("NODE_ID", node_id)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ai-node starts")
+}
+
+#[tokio::test]
+async fn under_steady_load_a_killed_node_costs_no_chat_and_rejoins_after_its_health_check() {
+    let redis = redis_url();
+    let mut nodes = vec![
+        AiNode::start(&redis, Pace::QUICK).await,
+        AiNode::start(&redis, Pace::QUICK).await,
+        AiNode::start(&redis, Pace::QUICK).await,
+    ];
+    let backend = Backend::builder(&redis, &[&nodes[0], &nodes[1], &nodes[2]])
+        .set("ai", "health_interval_ms", 300)
+        .set("limits", "session_burst", 10_000)
+        .set("limits", "ip_burst", 10_000)
+        .start()
+        .await;
+    backend.wait_healthy_nodes(3).await;
+    let victim_url = nodes[0].url.clone();
+    let victim_id = nodes[0].node_id.clone();
+
+    // Steady load: one chat every 20 ms; every one must be accepted.
+    let load = {
+        let url = backend.url("/api/chat");
+        tokio::spawn(async move {
+            let client = http();
+            let mut served = Vec::new();
+            for i in 0..150 {
+                let body = json!({"session_id": format!("load-{}", i % 7), "message": format!("load {i}")});
+                let res = client.post(&url).json(&body).send().await.unwrap();
+                assert_eq!(res.status(), 202, "chat {i} during the node's death was refused");
+                let accepted: serde_json::Value = res.json().await.unwrap();
+                served.push(accepted["node"].as_str().unwrap().to_owned());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            served
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nodes[0].kill();
+    let served = load.await.expect("no chat failed under load");
+    assert_eq!(served.len(), 150);
+    let after_kill = &served[served.len() - 50..];
+    assert!(after_kill.iter().all(|n| *n != victim_url), "the dead node is stepped over once it is found out");
+
+    // The node comes back on its address: the health check brings it back into rotation.
+    let mut revived = spawn_node_on(&victim_url, &victim_id, &redis);
+    let back = eventually(Duration::from_secs(15), || async {
+        let health = backend.ai_health().await;
+        health["healthy_nodes"] == 3
+    })
+    .await;
+    assert!(back, "the restarted node rejoined");
+    let mut nodes_seen = std::collections::HashSet::new();
+    for i in 0..6 {
+        nodes_seen.insert(backend.chat(&unique("s"), &format!("after {i}")).await.node);
+    }
+    let _ = revived.kill();
+    let _ = revived.wait();
+    assert!(nodes_seen.contains(&victim_url), "round-robin reaches the revived node again: {nodes_seen:?}");
+}
