@@ -154,18 +154,25 @@ async fn a_client_that_stops_reading_is_closed_with_1013_and_backend_memory_stay
     tokio::time::sleep(Duration::from_secs(4)).await;
     let during = rss_kib(backend.pid());
 
+    // The close frame is queued behind everything the client did not read: it
+    // arrives once the client catches up, unless the client's own late writes
+    // (pongs) meet the closed socket first and reset it. Either way the socket ends.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut read = 0u64;
-    let close = loop {
-        match tokio::time::timeout_at(deadline, socket.next()).await.expect("no close frame in time") {
-            Some(Ok(Message::Close(frame))) => break frame,
+    let ending = loop {
+        match tokio::time::timeout_at(deadline, socket.next()).await.expect("the socket was never closed") {
+            Some(Ok(Message::Close(frame))) => break format!("close {:?}", frame.map(|f| u16::from(f.code))),
             Some(Ok(_)) => read += 1,
-            Some(Err(e)) => panic!("socket failed without a close frame after {read} frames: {e}"),
-            None => panic!("socket ended without a close frame after {read} frames"),
+            Some(Err(e)) => break format!("error {e}"),
+            None => break "end".to_owned(),
         }
     };
-    let code: u16 = close.expect("a close code").code.into();
-    assert_eq!(code, 1013, "a reader too slow is told to come back later");
+    assert!(ending == "close Some(1013)" || !ending.starts_with("close"), "ended with {ending}");
+    let metrics = http().get(backend.metrics_url()).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("backend_ws_slow_consumers_total ") && !l.ends_with(" 0")),
+        "the backend counted the slow consumer"
+    );
     eprintln!("backend RSS: {before} KiB before, {during} KiB while the client did not read; {read} frames read");
     assert!(during < before + 64 * 1024, "memory grew from {before} to {during} KiB");
     assert!(alive(backend.pid()));
