@@ -186,6 +186,14 @@ impl ProxyHttp for Edge {
             return Ok(true);
         }
 
+        if let Err(why) = check_host(session.req_header()) {
+            self.state.metrics.rejected.with_label_values(&["bad_host"]).inc();
+            ctx.answered = Some(400);
+            session.set_keepalive(None);
+            answer(session, 400, "bad_request", why, &ctx.request_id).await?;
+            return Ok(true);
+        }
+
         let too_large = session
             .req_header()
             .headers
@@ -418,8 +426,42 @@ impl ProxyHttp for Edge {
     }
 }
 
+/// RFC 9112 §3.2: an HTTP/1.1 request needs exactly one Host, and it must be a
+/// valid authority (an empty one is allowed); HTTP/1.0 may leave it out.
+fn check_host(req: &RequestHeader) -> std::result::Result<(), &'static str> {
+    let mut hosts = req.headers.get_all(http::header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if req.version == http::Version::HTTP_10 => Ok(()),
+        (None, _) => Err("an HTTP/1.1 request needs a Host header"),
+        (Some(_), Some(_)) => Err("more than one Host header"),
+        (Some(host), None) => match host.to_str() {
+            Ok("") => Ok(()),
+            Ok(h) if h.parse::<http::uri::Authority>().is_ok() => Ok(()),
+            _ => Err("the Host header is not a valid host"),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn http11_requests_need_one_valid_host() {
+        let req = |version, hosts: &[&str]| {
+            let mut r = RequestHeader::build("GET", b"/", None).unwrap();
+            r.set_version(version);
+            for h in hosts {
+                r.append_header("host", *h).unwrap();
+            }
+            r
+        };
+        assert!(check_host(&req(http::Version::HTTP_11, &["example.com:8080"])).is_ok());
+        assert!(check_host(&req(http::Version::HTTP_11, &[""])).is_ok());
+        assert!(check_host(&req(http::Version::HTTP_10, &[])).is_ok());
+        assert!(check_host(&req(http::Version::HTTP_11, &[])).is_err());
+        assert!(check_host(&req(http::Version::HTTP_11, &["a b"])).is_err());
+        assert!(check_host(&req(http::Version::HTTP_11, &["a", "b"])).is_err());
+    }
     use super::*;
 
     #[test]

@@ -671,3 +671,155 @@ impl Ws {
         }
     }
 }
+
+/// The real `proxy` binary on free ports in front of real backends, for tests
+/// outside `through_proxy.rs` (which keeps its own copy). `extra` is TOML
+/// appended to the generated file, for sections it does not write (`[client]`,
+/// `[websocket]`, `[sticky]`).
+pub struct EdgeProxy {
+    /// Public listener, where every client request goes.
+    pub public: u16,
+    /// Status listener (`/nginx-status`, `/metrics`, `/upstreams`).
+    pub status: u16,
+    child: Option<Child>,
+    log: PathBuf,
+    /// Holds the config, log, pid file and upgrade socket while the proxy lives.
+    _dir: tempfile::TempDir,
+}
+
+impl EdgeProxy {
+    pub async fn start(backends: &[&Backend]) -> EdgeProxy {
+        Self::start_with(backends, "").await
+    }
+
+    /// Starts the proxy with `extra` TOML and waits until its status listener
+    /// shows every backend up.
+    pub async fn start_with(backends: &[&Backend], extra: &str) -> EdgeProxy {
+        let dir = tempfile::tempdir().unwrap();
+        let public = free_port();
+        let status = free_port();
+        let servers: Vec<String> = backends.iter().map(|b| format!("\"127.0.0.1:{}\"", b.port)).collect();
+        let config = dir.path().join("proxy.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nthreads = 2\ngrace_period = \"0s\"\nshutdown_timeout = \"1s\"\n\
+                 pid_file = \"{dir}/proxy.pid\"\nupgrade_sock = \"{dir}/upgrade.sock\"\n\n\
+                 [listen]\npublic = \"127.0.0.1:{public}\"\nstatus = \"127.0.0.1:{status}\"\n\n\
+                 [upstreams.backends]\nservers = [{servers}]\nconnect_timeout = \"1s\"\n\n\
+                 [upstreams.backends.health]\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"500ms\"\n\
+                 rise = 1\nfall = 1\n\n{extra}\n",
+                dir = dir.path().display(),
+                servers = servers.join(", "),
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join("proxy.log");
+        let out = File::create(&log).unwrap();
+        let mut command = Command::new(proxy_bin());
+        command
+            .arg("--config")
+            .arg(&config)
+            .env_remove("PROXY_LISTEN")
+            .env_remove("PROXY_STATUS_LISTEN")
+            .env_remove("PROXY_BACKENDS")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "info");
+        }
+        let child = command.spawn().expect("cannot start proxy");
+        let mut proxy = EdgeProxy { public, status, child: Some(child), log, _dir: dir };
+        proxy.wait_up(backends.len()).await;
+        proxy
+    }
+
+    /// Polls `/upstreams` until `n` backends are up.
+    async fn wait_up(&mut self, n: usize) {
+        let deadline = Instant::now() + READY_WAIT;
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().unwrap();
+        loop {
+            if let Ok(res) = client.get(self.status_url("/upstreams")).send().await {
+                if let Ok(v) = res.json::<Value>().await {
+                    let up = v["upstreams"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .flat_map(|g| g["backends"].as_array().cloned().unwrap_or_default())
+                        .filter(|b| b["health"] == "up")
+                        .count();
+                    if up >= n {
+                        return;
+                    }
+                }
+            }
+            let exited = self.child.as_mut().is_none_or(|c| c.try_wait().unwrap().is_some());
+            assert!(!exited, "proxy exited before it was ready:\n{}", self.log_tail());
+            assert!(Instant::now() < deadline, "proxy never saw {n} backends up:\n{}", self.log_tail());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The public listener's address, for raw TCP clients.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.public))
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.public)
+    }
+
+    pub fn status_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.status)
+    }
+
+    pub fn ws_url(&self, session_id: &str) -> String {
+        format!("ws://127.0.0.1:{}/ws/chat?session_id={session_id}", self.public)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("proxy is running").id()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let start = text.len().saturating_sub(4000);
+        let start = (start..text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(text.len());
+        text[start..].to_owned()
+    }
+}
+
+impl Drop for EdgeProxy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("----- last lines of proxy -----\n{}", self.log_tail());
+        }
+    }
+}
+
+/// Resident memory of process `pid` in KiB (`VmRSS` of `/proc/PID/status`).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_else(|e| panic!("pid {pid}: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS for pid {pid}"))
+}
+
+impl Backend {
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        !self.process.has_exited()
+    }
+}
