@@ -198,7 +198,7 @@ fn spawn_node_on(url: &str, node_id: &str, redis_url: &str) -> Child {
 #[tokio::test]
 async fn under_steady_load_a_killed_node_costs_no_chat_and_rejoins_after_its_health_check() {
     let redis = redis_url();
-    let mut nodes = vec![
+    let mut nodes = [
         AiNode::start(&redis, Pace::QUICK).await,
         AiNode::start(&redis, Pace::QUICK).await,
         AiNode::start(&redis, Pace::QUICK).await,
