@@ -10,128 +10,10 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Upper bound on one whole test, so a hang fails instead of stalling the run.
 const TEST_WAIT: Duration = Duration::from_secs(120);
-
-/// The real `proxy` binary on free ports in front of `servers`.
-struct Proxy {
-    /// Public listener, where every client request goes.
-    public: u16,
-    /// Status listener (`/nginx-status`, `/metrics`, `/upstreams`).
-    status: u16,
-    child: Option<Child>,
-    log: PathBuf,
-    /// Holds the config, log, pid file and upgrade socket while the proxy lives.
-    _dir: tempfile::TempDir,
-}
-
-impl Proxy {
-    /// Starts the proxy in front of `backends` and waits until its public
-    /// listener answers and all of them pass its health check.
-    async fn start(backends: &[&Backend]) -> Proxy {
-        let dir = tempfile::tempdir().unwrap();
-        let public = free_port();
-        let status = free_port();
-        let servers: Vec<String> = backends.iter().map(|b| format!("\"127.0.0.1:{}\"", b.port)).collect();
-        let config = dir.path().join("proxy.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[server]\nthreads = 2\ngrace_period = \"0s\"\nshutdown_timeout = \"1s\"\n\
-                 pid_file = \"{dir}/proxy.pid\"\nupgrade_sock = \"{dir}/upgrade.sock\"\n\n\
-                 [listen]\npublic = \"127.0.0.1:{public}\"\nstatus = \"127.0.0.1:{status}\"\n\n\
-                 [upstreams.backends]\nservers = [{servers}]\nconnect_timeout = \"1s\"\n\n\
-                 [upstreams.backends.health]\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"500ms\"\n\
-                 rise = 1\nfall = 1\n",
-                dir = dir.path().display(),
-                servers = servers.join(", "),
-            ),
-        )
-        .unwrap();
-        let log = dir.path().join("proxy.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let mut command = Command::new(proxy_bin());
-        command
-            .arg("--config")
-            .arg(&config)
-            .env_remove("PROXY_LISTEN")
-            .env_remove("PROXY_STATUS_LISTEN")
-            .env_remove("PROXY_BACKENDS")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out);
-        if std::env::var_os("RUST_LOG").is_none() {
-            command.env("RUST_LOG", "info");
-        }
-        let child = command.spawn().expect("cannot start proxy");
-        let mut proxy = Proxy { public, status, child: Some(child), log, _dir: dir };
-        proxy.wait_up(backends.len()).await;
-        proxy
-    }
-
-    /// Polls `/upstreams` until `n` backends are up.
-    async fn wait_up(&mut self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().unwrap();
-        loop {
-            if let Ok(res) = client.get(self.status_url("/upstreams")).send().await {
-                if let Ok(v) = res.json::<Value>().await {
-                    if up_backends(&v).len() >= n {
-                        return;
-                    }
-                }
-            }
-            let exited = self.child.as_mut().is_none_or(|c| c.try_wait().unwrap().is_some());
-            assert!(!exited, "proxy exited before it was ready:\n{}", self.log_tail());
-            assert!(Instant::now() < deadline, "proxy never saw {n} backends up:\n{}", self.log_tail());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.public)
-    }
-
-    fn status_url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.status)
-    }
-
-    fn ws_url(&self, session_id: &str) -> String {
-        format!("ws://127.0.0.1:{}/ws/chat?session_id={session_id}", self.public)
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let start = text.len().saturating_sub(4000);
-        let start = (start..text.len()).find(|i| text.is_char_boundary(*i)).unwrap_or(text.len());
-        text[start..].to_owned()
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("----- last lines of proxy -----\n{}", self.log_tail());
-        }
-    }
-}
-
-/// Addresses of the `backends` group's members that `/upstreams` shows up.
-fn up_backends(upstreams: &Value) -> Vec<String> {
-    backends_group(upstreams)
-        .iter()
-        .filter(|b| b["health"] == "up")
-        .map(|b| b["addr"].as_str().unwrap_or_default().to_owned())
-        .collect()
-}
 
 fn backends_group(upstreams: &Value) -> Vec<Value> {
     upstreams["upstreams"]
@@ -148,7 +30,7 @@ fn header(res: &reqwest::Response, name: &str) -> Option<String> {
 
 /// `POST /api/chat` through the proxy, as in the old system's curl check;
 /// returns the answering backend's id and the 202 body.
-async fn chat_through(proxy: &Proxy, session_id: &str, message: &str) -> (String, Value) {
+async fn chat_through(proxy: &EdgeProxy, session_id: &str, message: &str) -> (String, Value) {
     let res = http()
         .post(proxy.url("/api/chat"))
         .json(&json!({"session_id": session_id, "message": message, "user_id": "user1"}))
@@ -208,7 +90,7 @@ async fn old_systems_checks() {
         backend.wait_healthy_nodes(3).await;
     }
     let backend_ids: BTreeSet<String> = backends.iter().map(|b| b.backend_id.clone()).collect();
-    let proxy = Proxy::start(&[&backends[0], &backends[1], &backends[2]]).await;
+    let proxy = EdgeProxy::start(&[&backends[0], &backends[1], &backends[2]]).await;
 
     // 1. `curl http://localhost:8080/api/ai-health` shows all AI nodes.
     let last = std::cell::RefCell::new(Value::Null);
@@ -306,7 +188,7 @@ async fn backend_killed_mid_stream() {
     }
     let proxy = {
         let refs: Vec<&Backend> = backends.iter().flatten().collect();
-        Proxy::start(&refs).await
+        EdgeProxy::start(&refs).await
     };
 
     let session = unique("s");
@@ -373,7 +255,7 @@ async fn many_websockets() {
     let redis = redis_url();
     let node = AiNode::start(&redis, Pace::QUICK).await;
     let backend = Backend::start(&redis, &[&node]).await;
-    let proxy = Proxy::start(&[&backend]).await;
+    let proxy = EdgeProxy::start(&[&backend]).await;
     for i in 0..SOCKETS {
         // Leaves an idle upstream connection in the proxy's pool for the
         // upgrade to reuse, as a client's earlier requests would.
