@@ -2,8 +2,9 @@
 # The project's test command (the README's, and what .ci/run runs).
 # On a fresh Debian machine with only the Rust toolchain it installs what the
 # build and the tests need, makes sure a Redis answers, runs every cargo test,
-# then the browser test of the chat page against a cluster it starts.
-# Arguments go to `cargo test`; with any, the browser test is skipped.
+# then each fuzz target for 10 s (scripts/fuzz.sh), then the browser test of
+# the chat page against a cluster it starts.
+# Arguments go to `cargo test`; with any, the fuzzing and the browser test are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/setup.sh
@@ -15,6 +16,9 @@ ensure_redis
 echo "== cargo test (Redis at $TEST_REDIS_URL)"
 cargo test --workspace --locked "$@"
 [ $# -eq 0 ] || exit 0
+
+echo "== fuzz: every target briefly (longer runs: scripts/fuzz.sh SECONDS)"
+scripts/fuzz.sh 10
 
 echo "== browser test: the chat page through the proxy, in headless Chromium"
 cargo build --locked -p cluster -p proxy

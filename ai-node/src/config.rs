@@ -323,8 +323,11 @@ fn check(f: FileConfig, source: String) -> Result<Config, String> {
             bad(key, format!("{v} is not between 0 and 1"));
         }
     }
-    if !(s.tokens_per_second >= 0.0 && s.tokens_per_second.is_finite()) {
-        bad("engine.synthetic.tokens_per_second", format!("{} must be 0 (unlimited) or positive", s.tokens_per_second));
+    if !(s.tokens_per_second == 0.0 || (0.001..=1e6).contains(&s.tokens_per_second)) {
+        bad(
+            "engine.synthetic.tokens_per_second",
+            format!("{} must be 0 (unlimited) or between 0.001 and 1000000", s.tokens_per_second),
+        );
     }
     if s.answer_tokens == 0 {
         bad("engine.synthetic.answer_tokens", "must be above 0".into());
@@ -439,5 +442,14 @@ mod tests {
         assert_eq!(c.listen_addr.port(), 9999);
         assert_eq!(c.node_id, "ai-7");
         assert_eq!(c.redis_url, "redis://10.0.0.1:6380");
+    }
+
+    #[test]
+    fn a_pace_too_slow_to_represent_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "[engine.synthetic]\ntokens_per_second = 1e-300\n").unwrap();
+        let err = load(Some(&path), &no_env).unwrap_err();
+        assert!(err.contains("engine.synthetic.tokens_per_second"), "{err}");
     }
 }

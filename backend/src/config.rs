@@ -372,8 +372,8 @@ fn check(f: FileConfig, source: String) -> Result<Config, String> {
         ("limits.session_rate_per_sec", f.limits.session_rate_per_sec),
         ("limits.ip_rate_per_sec", f.limits.ip_rate_per_sec),
     ] {
-        if !(v > 0.0 && v.is_finite()) {
-            bad(key, format!("{v} must be a positive number"));
+        if !(1e-6..=1e6).contains(&v) {
+            bad(key, format!("{v} must be between 0.000001 and 1000000 per second"));
         }
     }
     for (key, v) in [("limits.session_burst", f.limits.session_burst), ("limits.ip_burst", f.limits.ip_burst)] {
@@ -466,5 +466,14 @@ mod tests {
         std::fs::write(&path, "[stream]\nstall_timeout = 3\n").unwrap();
         let err = load(Some(&path), &no_env).unwrap_err();
         assert!(err.contains("b.toml") && err.contains("stall_timeout"), "{err}");
+    }
+
+    #[test]
+    fn extreme_rates_are_rejected_not_panicked_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.toml");
+        std::fs::write(&path, "[limits]\nsession_rate_per_sec = 1e-300\nip_rate_per_sec = 1e300\n").unwrap();
+        let err = load(Some(&path), &no_env).unwrap_err();
+        assert!(err.contains("limits.session_rate_per_sec") && err.contains("limits.ip_rate_per_sec"), "{err}");
     }
 }

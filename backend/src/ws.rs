@@ -45,7 +45,7 @@ pub struct WsParams {
 /// What a client may send.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
-enum ClientFrame {
+pub enum ClientFrame {
     Chat {
         message: String,
         #[serde(default)]
@@ -56,6 +56,11 @@ enum ClientFrame {
         #[serde(default)]
         after_seq: u64,
     },
+}
+
+/// Parses one client text frame (public for the fuzz targets in `fuzz/`).
+pub fn parse_client_frame(text: &str) -> Result<ClientFrame, serde_json::Error> {
+    serde_json::from_str(text)
 }
 
 pub async fn upgrade(
@@ -131,7 +136,7 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr)
                     Some(Ok(Message::Text(t))) if t.len() > app.config.max_frame_bytes => break Some((close::TOO_BIG, "frame too large")),
                     Some(Ok(Message::Binary(b))) if b.len() > app.config.max_frame_bytes => break Some((close::TOO_BIG, "frame too large")),
                     Some(Ok(Message::Binary(_))) => out.push(invalid_frame("binary frames are not accepted; send JSON text")),
-                    Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientFrame>(&text) {
+                    Some(Ok(Message::Text(text))) => match parse_client_frame(&text) {
                         Err(e) => out.push(invalid_frame(&format!("not a chat or resume frame: {e}"))),
                         Ok(ClientFrame::Chat { message, user_id }) => {
                             if dispatching >= MAX_DISPATCHING {

@@ -877,8 +877,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
+        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(|| format!("{text:?} is too long"))?),
+        "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(|| format!("{text:?} is too long"))?),
         _ => return Err(format!("{text:?} is not a duration like 500ms, 10s, 5m or 1h")),
     };
     Ok(d)
@@ -990,5 +990,12 @@ mod tests {
     fn shipped_config_file_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/proxy.toml");
         load(&path, &Overrides::default()).unwrap();
+    }
+
+    #[test]
+    fn a_duration_too_long_is_an_error_not_an_overflow() {
+        assert!(parse_duration("307445734561825861m").is_err());
+        assert!(parse_duration("5124095576030432h").is_err());
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
     }
 }

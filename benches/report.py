@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""Turns benches/run.sh's raw results (RAW: http.csv, ws-*.json, idle-*.json,
+micro.csv, machine.json) into OUT/README.md (Markdown tables, targets met or
+missed) and OUT/*.png plots (when matplotlib is installed).
+
+Usage: benches/report.py RAW OUT
+"""
+
+import csv
+import glob
+import json
+import os
+import sys
+
+
+def load_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}" if b else "n/a"
+
+
+def http_tables(rows):
+    """One table per (mode, payload): each concurrency with proxy, nginx, direct and ratios."""
+    out, targets = [], {"rps": [], "p99": [], "cpu": []}
+    by = {(r["mode"], r["payload"], int(r["concurrency"]), r["target"]): r for r in rows}
+    cells = sorted({(r["mode"], r["payload"]) for r in rows}, key=lambda k: (k[0] != "keepalive", k[1]))
+    for mode, payload in cells:
+        title = {"get": "small GET /", "post4k": "4 KB POST /echo"}.get(payload, payload)
+        conn = "keep-alive" if mode == "keepalive" else "new connection per request"
+        out.append(f"\n#### {title}, {conn}\n")
+        out.append("| conc. | ours req/s | nginx req/s | direct req/s | **req/s ours/nginx** "
+                   "| ours p50 / p99 / p99.9 ms | nginx p50 / p99 / p99.9 ms | **p99 ours/nginx** "
+                   "| ours CPU s/100k | nginx CPU s/100k | **CPU ours/nginx** | errors (ours/nginx) |")
+        out.append("|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---|")
+        concs = sorted({c for (m, p, c, _) in by if m == mode and p == payload})
+        for c in concs:
+            o, n, d = (by.get((mode, payload, c, t)) for t in ("proxy", "nginx", "direct"))
+            if not o or not n:
+                continue
+            f = lambda r, k: float(r[k]) if r else 0.0
+            rr, pr, cr = (ratio(f(o, "rps"), f(n, "rps")), ratio(f(o, "p99_ms"), f(n, "p99_ms")),
+                          ratio(f(o, "cpu_s_per_100k"), f(n, "cpu_s_per_100k")))
+            targets["rps"].append(f(o, "rps") >= f(n, "rps"))
+            targets["p99"].append(f(o, "p99_ms") <= f(n, "p99_ms"))
+            targets["cpu"].append(f(o, "cpu_s_per_100k") <= f(n, "cpu_s_per_100k"))
+            lat = lambda r: f"{f(r, 'p50_ms'):.2f} / {f(r, 'p99_ms'):.2f} / {f(r, 'p999_ms'):.2f}"
+            out.append(f"| {c} | {f(o, 'rps'):,.0f} | {f(n, 'rps'):,.0f} | {f(d, 'rps'):,.0f} | **{rr}** "
+                       f"| {lat(o)} | {lat(n)} | **{pr}** | {f(o, 'cpu_s_per_100k'):.2f} "
+                       f"| {f(n, 'cpu_s_per_100k'):.2f} | **{cr}** | {o['errors']} / {n['errors']} |")
+    return out, targets
+
+
+def ws_table(raw):
+    runs = {}
+    for path in glob.glob(os.path.join(raw, "ws-*.json")):
+        j = load_json(path)
+        if j:
+            runs[(j.get("front", "?"), j["sessions"])] = j
+    out = ["| streams | front | answers complete | lost chunks | dup. | errors | first chunk p50 / p99 ms "
+           "| publish→client p50 / p99 / p99.9 / max ms | chunks/s | front CPU s |",
+           "|---:|---|---:|---:|---:|---:|---|---|---:|---:|"]
+    for (front, n) in sorted(runs, key=lambda k: (k[1], k[0] != "proxy")):
+        j = runs[(front, n)]
+        f, p = j["first_chunk"], j["publish_to_client"]
+        errors = j["error_events"] + j["unfinished"] + j["connect_errors"]
+        name = "ours" if front == "proxy" else front
+        out.append(f"| {n:,} | {name} | {j['complete']:,}/{j['chats']:,} | {j['lost_chunks']} | {j['duplicate_chunks']} "
+                   f"| {errors} | {f['p50_ms']:.1f} / {f['p99_ms']:.1f} | {p['p50_ms']:.2f} / {p['p99_ms']:.2f} / "
+                   f"{p['p999_ms']:.2f} / {p['max_ms']:.1f} | {j['chunks_per_sec']:,.0f} | {j.get('front_cpu_s', 0):.2f} |")
+    ratios = ["", "| streams | publish→client p99 ours/nginx | first chunk p99 ours/nginx | front CPU ours/nginx |",
+              "|---:|---:|---:|---:|"]
+    for n in sorted({n for (_, n) in runs}):
+        o, g = runs.get(("proxy", n)), runs.get(("nginx", n))
+        if o and g:
+            ratios.append(f"| {n:,} | {ratio(o['publish_to_client']['p99_ms'], g['publish_to_client']['p99_ms'])} "
+                          f"| {ratio(o['first_chunk']['p99_ms'], g['first_chunk']['p99_ms'])} "
+                          f"| {ratio(o.get('front_cpu_s', 0), g.get('front_cpu_s', 0))} |")
+    return out + ratios, runs
+
+
+def idle_table(raw):
+    out = ["| front | requested | opened | held | open time s | front KB/socket | backends+AI KB/socket |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    runs = {}
+    for front in ("proxy", "nginx"):
+        j = load_json(os.path.join(raw, f"idle-{front}.json"))
+        if not j:
+            continue
+        runs[front] = j
+        mem = j["memory"]
+        fm = mem.get(front, {}).get("kb_per_socket", 0)
+        bm = mem.get("backends+ai", {}).get("kb_per_socket", 0)
+        name = "ours" if front == "proxy" else front
+        out.append(f"| {name} | {j['requested']:,} | {j['opened']:,} | {j['held']:,} | {j['open_secs']:.1f} "
+                   f"| {fm:.1f} | {bm:.1f} |")
+    return out, runs
+
+
+def micro_table(raw):
+    path = os.path.join(raw, "micro.csv")
+    if not os.path.exists(path):
+        return []
+    out = ["| benchmark | median | mean |", "|---|---:|---:|"]
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            out.append(f"| `{r['bench']}` | {float(r['median_ns']):.1f} ns | {float(r['mean_ns']):.1f} ns |")
+    return out
+
+
+def plots(rows, ws_runs, out_dir):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    cells = sorted({(r["mode"], r["payload"]) for r in rows}, key=lambda k: (k[0] != "keepalive", k[1]))
+    if cells:
+        fig, axes = plt.subplots(2, len(cells), figsize=(4.2 * len(cells), 7), squeeze=False)
+        for i, (mode, payload) in enumerate(cells):
+            for target, style in (("proxy", "o-"), ("nginx", "s--"), ("direct", "^:")):
+                pts = sorted((int(r["concurrency"]), float(r["rps"]), float(r["p99_ms"])) for r in rows
+                             if r["mode"] == mode and r["payload"] == payload and r["target"] == target)
+                if not pts:
+                    continue
+                label = {"proxy": "ours", "nginx": "nginx", "direct": "direct (ceiling)"}[target]
+                axes[0][i].plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+                if target != "direct":
+                    axes[1][i].plot([p[0] for p in pts], [p[2] for p in pts], style, label=label)
+            axes[0][i].set_title(f"{payload}, {mode}")
+            for ax in (axes[0][i], axes[1][i]):
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel("concurrent connections")
+                ax.grid(alpha=0.3)
+            axes[0][i].set_ylabel("req/s")
+            axes[1][i].set_ylabel("p99 latency (ms)")
+            axes[0][i].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "http.png"), dpi=90)
+        plt.close(fig)
+        made.append("http.png")
+    if ws_runs:
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+        for front, style in (("proxy", "o-"), ("nginx", "s--")):
+            pts = sorted((n, j) for (f, n), j in ws_runs.items() if f == front)
+            if not pts:
+                continue
+            label = "ours" if front == "proxy" else "nginx"
+            ns = [n for n, _ in pts]
+            ax[0].plot(ns, [j["publish_to_client"]["p50_ms"] for _, j in pts], style, label=f"{label} p50")
+            ax[0].plot(ns, [j["publish_to_client"]["p99_ms"] for _, j in pts], style, alpha=0.6, label=f"{label} p99")
+            ax[1].plot(ns, [j["first_chunk"]["p99_ms"] for _, j in pts], style, label=f"{label} p99")
+        ax[0].axhline(10, color="red", lw=0.8, label="target p99 10 ms")
+        ax[0].set_title("publish → client latency")
+        ax[1].set_title("time to first chunk")
+        for a in ax:
+            a.set_xscale("log")
+            a.set_xlabel("concurrent streams")
+            a.set_ylabel("ms")
+            a.grid(alpha=0.3)
+            a.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "ws.png"), dpi=90)
+        plt.close(fig)
+        made.append("ws.png")
+    return made
+
+
+def main():
+    raw, out_dir = sys.argv[1], sys.argv[2]
+    machine = load_json(os.path.join(raw, "machine.json")) or {}
+    rows = []
+    if os.path.exists(os.path.join(raw, "http.csv")):
+        with open(os.path.join(raw, "http.csv")) as f:
+            rows = [r for r in csv.DictReader(f) if float(r["rps"]) > 0]
+    http, targets = http_tables(rows)
+    ws, ws_runs = ws_table(raw)
+    idle, idle_runs = idle_table(raw)
+    micro = micro_table(raw)
+    images = plots(rows, ws_runs, out_dir)
+
+    def verdict(ok):
+        return "met" if ok else "**missed**"
+
+    goals = []
+    if rows:
+        for key, text in (("rps", "req/s ours ≥ nginx"), ("p99", "p99 ours ≤ nginx"), ("cpu", "CPU/request ours ≤ nginx")):
+            v = targets[key]
+            goals.append(f"| {text} | {sum(v)}/{len(v)} cells | {verdict(all(v))} |")
+    k1000 = ws_runs.get(("proxy", 1000))
+    if k1000:
+        ok = k1000["lost_chunks"] == 0 and k1000["complete"] == k1000["chats"] and k1000["publish_to_client"]["p99_ms"] < 10
+        goals.append(f"| 1,000 streams: 0 lost, p99 publish→client < 10 ms | lost {k1000['lost_chunks']}, "
+                     f"complete {k1000['complete']}/{k1000['chats']}, p99 {k1000['publish_to_client']['p99_ms']:.2f} ms "
+                     f"| {verdict(ok)} |")
+    if "proxy" in idle_runs:
+        j = idle_runs["proxy"]
+        goals.append(f"| 10,000 idle WebSockets held | {j['held']:,} of {j['requested']:,} | "
+                     f"{verdict(j['held'] >= 10000)} |")
+
+    m = machine
+    md = [
+        "# Benchmark results",
+        "",
+        f"Measured {m.get('date', '?')} on {m.get('nproc', '?')} × {m.get('cpu', '?')}, {m.get('mem_gb', '?')} GB, "
+        f"Linux {m.get('kernel', '?')}; nginx {m.get('nginx', '?')}, wrk {m.get('wrk', '?')}; git {m.get('git', '?')}. "
+        f"Load average before the run: {m.get('load_before', '?')}.",
+        "",
+        f"Proxy threads = nginx workers = {m.get('workers', '?')}; "
+        + ("proxy/nginx pinned to CPU 1, everything else to CPU 0. " if m.get("pin") else "no CPU pinning (everything shares all cores). ")
+        + "The machine is shared and noisy, so compare ratios measured in the same run, not absolute numbers "
+        "across runs. Both fronts run without an access log (ours: `RUST_LOG=warn` drops the `access` "
+        "target's info line; nginx: `access_log off`). Generated by `benches/run.sh`; raw data in `raw/`.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | |",
+        "|---|---|---|",
+        *goals,
+        "",
+        "## HTTP: 3 backends behind our proxy, nginx, or nothing",
+        "",
+        "wrk with 1-2 threads; one loopback client address, so both sticky policies (our per-IP ketama, "
+        "nginx `ip_hash`) send everything to one backend, and *direct* (straight to that backend) is the ceiling. "
+        "CPU is user+system time of the front process(es) from `/proc/PID/stat`.",
+        *(["", "![HTTP](http.png)"] if "http.png" in images else []),
+        *http,
+        "",
+        "## WebSocket streaming through the cluster",
+        "",
+        f"`cluster --conf benches/conf` (3 AI nodes + 3 backends in one process, bus: {m.get('bus', '?')}), "
+        "our proxy or nginx in front of the same backends. Each session's socket connects, all wait for each other, "
+        "then each sends 3 chats in turn (40 chunks each at 20 chunks/s after 20 ms, so N streams run at once). "
+        "Publish→client is the AI node's `ts_us` stamp to the client's receipt, same clock; the load generator "
+        "shares the machine.",
+        *(["", "![WebSocket](ws.png)"] if "ws.png" in images else []),
+        "",
+        *ws,
+        "",
+        "## Idle WebSockets",
+        "",
+        "Sockets opened from 100 loopback source addresses, held 5 s; memory is the growth of resident memory "
+        "(VmRSS) divided by sockets held. *backends+AI* is the cluster process (3 backends and 3 AI nodes); "
+        "trust its figure from the first run only (ours): the second run reuses memory the allocator kept from "
+        "the first. The process limit on open files here is 20,000 (hard, not raisable in this container), and "
+        "our proxy is one process holding two descriptors per WebSocket (client and backend), so it cannot "
+        "hold more than about 9,990; nginx spreads them over its worker processes, each with its own limit.",
+        "",
+        *idle,
+        "",
+        "## Microbenchmarks (criterion)",
+        "",
+        *micro,
+        "",
+    ]
+    with open(os.path.join(out_dir, "README.md"), "w") as f:
+        f.write("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+#!/usr/bin/env bash
+# Benchmarks: our proxy against nginx (HTTP), WebSocket streaming at scale,
+# idle WebSocket capacity, and criterion microbenchmarks of the hot paths.
+#
+# Usage:  benches/run.sh                 full run (about 12 minutes after the build)
+#         FULL=0 benches/run.sh          smoke run (about 3 minutes)
+#
+# Environment (defaults in brackets):
+#   FULL [1]            1 = full matrix, 0 = a few cells of each part
+#   PARTS [http ws idle micro]   which parts to run
+#   WORKERS [2]         proxy threads = nginx worker_processes
+#   CONCURRENCIES       HTTP client connections [1 16 64 256]
+#   HTTP_SECS [5]       seconds per HTTP cell (after a 1 s warm-up)
+#   WS_SESSIONS         concurrent streams per WebSocket cell [100 1000 3000]
+#   IDLE_COUNT [10000]  idle WebSockets to open
+#   BUS [embedded]      embedded | redis (the cluster's event bus)
+#   PIN [0]             1 = proxy/nginx on CPU 1, load generator and backends on CPU 0
+#   OUT [benches/results]
+#
+# Installs what is missing: nginx and wrk (apt), matplotlib (pip; the plots
+# are skipped without it), oha (cargo, only with HTTP_TOOL=oha; wrk is the
+# default because it reports p99.9 through its Lua hook).
+# Writes OUT/README.md (tables, machine), OUT/*.png and OUT/raw/ (JSON, CSV).
+# Only loopback addresses are used. Ports: 18080-18290.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+FULL=${FULL:-1}
+WORKERS=${WORKERS:-2}
+PARTS=${PARTS:-http ws idle micro}
+BUS=${BUS:-embedded}
+PIN=${PIN:-0}
+OUT=${OUT:-$ROOT/benches/results}
+if [[ $FULL == 1 ]]; then
+    CONCURRENCIES=${CONCURRENCIES:-1 16 64 256}
+    HTTP_SECS=${HTTP_SECS:-5}
+    WS_SESSIONS=${WS_SESSIONS:-100 1000 3000}
+    IDLE_COUNT=${IDLE_COUNT:-10000}
+else
+    CONCURRENCIES=${CONCURRENCIES:-1 64}
+    HTTP_SECS=${HTTP_SECS:-2}
+    WS_SESSIONS=${WS_SESSIONS:-100}
+    IDLE_COUNT=${IDLE_COUNT:-1000}
+fi
+RAW=$OUT/raw
+WORK=$(mktemp -d /tmp/bench.XXXXXX)
+BIN=$ROOT/target/release
+STARTED=$(date +%s)
+mkdir -p "$RAW"
+
+log() { printf '[%4ds] %s\n' $(($(date +%s) - STARTED)) "$*" >&2; }
+
+# --- processes we start, and only those, are stopped on exit ---------------
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    sleep 1
+    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+stop() { # stop PID...: TERM, then KILL after 5 s
+    local pid
+    for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for _ in $(seq 50); do
+        local alive=0
+        for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [[ $alive == 0 ]] && return 0
+        sleep 0.1
+    done
+    for pid in "$@"; do kill -KILL "$pid" 2>/dev/null || true; done
+}
+
+on_cpu() { # on_cpu CPU CMD...: runs CMD, pinned to CPU when PIN=1
+    local cpu=$1; shift
+    if [[ $PIN == 1 ]]; then taskset -c "$cpu" "$@"; else "$@"; fi
+}
+
+spawn() { # spawn CPU CMD...: starts CMD in the background (pinned when PIN=1); $! is its pid
+    local cpu=$1; shift
+    if [[ $PIN == 1 ]]; then taskset -c "$cpu" "$@" & else "$@" & fi
+}
+
+wait_http() { # wait_http URL: until it answers 200 (20 s)
+    for _ in $(seq 200); do
+        [[ $(curl -s -o /dev/null -w '%{http_code}' "$1" || true) == 200 ]] && return 0
+        sleep 0.1
+    done
+    echo "no 200 from $1 within 20 s" >&2
+    return 1
+}
+
+cpu_ticks() { # cpu_ticks PID...: utime+stime summed, in clock ticks
+    # After the ") " that ends the command name, utime and stime are fields 12 and 13.
+    local total=0 pid stat rest
+    for pid in "$@"; do
+        stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+        rest=${stat##*) }
+        total=$((total + $(awk '{print $12 + $13}' <<<"$rest")))
+    done
+    echo "$total"
+}
+CLK_TCK=$(getconf CLK_TCK)
+
+nginx_pids() { # master and workers of the nginx whose master is $1
+    echo "$1" $(pgrep -P "$1" || true)
+}
+
+start_nginx() { # start_nginx NAME LISTEN SERVER...: sets NGINX_PID (the master)
+    local name=$1 listen=$2; shift 2
+    local prefix=$WORK/nginx-$name servers=""
+    mkdir -p "$prefix"
+    for s in "$@"; do servers+="server $s; "; done
+    sed -e "s|@WORKERS@|$WORKERS|" -e "s|@LISTEN@|$listen|" -e "s|@PREFIX@|$prefix|g" \
+        -e "s|@SERVERS@|$servers|" benches/nginx.conf.in >"$prefix/nginx.conf"
+    spawn 1 nginx -c "$prefix/nginx.conf" -p "$prefix" >"$prefix/stdout.log" 2>&1 </dev/null
+    NGINX_PID=$!
+}
+
+# --- tools ------------------------------------------------------------------
+install_tools() {
+    local missing=()
+    command -v nginx >/dev/null || missing+=(nginx)
+    command -v wrk >/dev/null || missing+=(wrk)
+    if ((${#missing[@]})); then
+        log "installing ${missing[*]} (apt)"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    if [[ ${HTTP_TOOL:-wrk} == oha ]] && ! command -v oha >/dev/null; then
+        log "installing oha (cargo)"
+        cargo install --locked oha
+    fi
+    if ! python3 -c 'import matplotlib' 2>/dev/null; then
+        log "installing matplotlib (pip)"
+        pip install --quiet matplotlib >/dev/null 2>&1 || log "no matplotlib: plots are skipped"
+    fi
+}
+
+machine_json() {
+    local model
+    model=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+    cat <<EOF
+{"date": "$(date -u +%Y-%m-%dT%H:%M:%SZ)", "nproc": $(nproc), "cpu": "$model",
+ "kernel": "$(uname -r)", "mem_gb": $(awk '/MemTotal/ {printf "%.1f", $2/1048576}' /proc/meminfo),
+ "nginx": "$(nginx -v 2>&1 | sed 's/.*nginx\///')", "wrk": "$(wrk -v 2>&1 | head -1 | awk '{print $2}')",
+ "workers": $WORKERS, "pin": $PIN, "full": $FULL, "bus": "$BUS",
+ "load_before": "$(cut -d' ' -f1-3 /proc/loadavg)", "git": "$(git rev-parse --short HEAD 2>/dev/null)"}
+EOF
+}
+
+# --- HTTP: our proxy vs nginx vs direct -------------------------------------
+http_part() {
+    log "HTTP: 3 backends, our proxy (threads=$WORKERS), nginx (workers=$WORKERS)"
+    local bpids=() servers=()
+    for i in 1 2 3; do
+        spawn 0 "$BIN/loadgen" http-backend --port $((18100 + i)) --id "$i" >>"$WORK/backends.log" 2>&1
+        bpids+=($!); PIDS+=($!); servers+=("127.0.0.1:$((18100 + i))")
+    done
+    sed "s/^threads = .*/threads = $WORKERS/" benches/proxy-bench.toml >"$WORK/proxy-bench.toml"
+    RUST_LOG=warn PROXY_LISTEN=127.0.0.1:18080 PROXY_STATUS_LISTEN=127.0.0.1:18090 \
+        PROXY_BACKENDS=$(IFS=,; echo "${servers[*]}") \
+        spawn 1 "$BIN/proxy" --config "$WORK/proxy-bench.toml" >"$WORK/proxy.log" 2>&1
+    local proxy=$!; PIDS+=($proxy)
+    start_nginx http 127.0.0.1:18081 "${servers[@]}"; local nginx=$NGINX_PID; PIDS+=($nginx)
+    for p in 18101 18102 18103 18080 18081; do wait_http "http://127.0.0.1:$p/health"; done
+    sleep 0.5
+    local nginx_all; nginx_all=$(nginx_pids "$nginx")
+    local csv=$RAW/http.csv
+    echo "mode,payload,concurrency,target,rps,p50_ms,p90_ms,p99_ms,p999_ms,errors,requests,cpu_s,cpu_s_per_100k" >"$csv"
+    local order=(proxy nginx direct) rot=0
+    for mode in keepalive close; do
+        for payload in get post4k; do
+            for c in $CONCURRENCIES; do
+                # Rotate who goes first so drift in the machine's load is shared.
+                local targets=("${order[@]:rot}" "${order[@]:0:rot}")
+                rot=$(((rot + 1) % 3))
+                for target in "${targets[@]}"; do
+                    http_cell "$mode" "$payload" "$c" "$target" "$proxy" "$nginx_all" >>"$csv"
+                done
+            done
+        done
+    done
+    stop "$proxy" "$nginx" "${bpids[@]}"
+}
+
+http_cell() { # mode payload concurrency target proxy_pid nginx_pids
+    local mode=$1 payload=$2 c=$3 target=$4 proxy=$5 nginx_all=$6
+    local port pids path=/ body=0 extra=()
+    case $target in
+        proxy) port=18080; pids=$proxy ;;
+        nginx) port=18081; pids=$nginx_all ;;
+        direct) port=18101; pids="" ;;
+    esac
+    [[ $payload == post4k ]] && { path=/echo; body=4096; }
+    [[ $mode == close ]] && extra=(-H 'Connection: close')
+    local threads=$((c < 2 ? 1 : 2))
+    local url=http://127.0.0.1:$port$path
+    WRK_BODY_BYTES=$body on_cpu 0 wrk -t1 -c"$c" -d1s -s benches/wrk/report.lua "${extra[@]}" "$url" >/dev/null 2>&1 || true
+    local before after
+    # shellcheck disable=SC2086
+    before=$(cpu_ticks $pids)
+    local outf=$RAW/wrk-$mode-$payload-c$c-$target.txt
+    WRK_BODY_BYTES=$body on_cpu 0 timeout $((HTTP_SECS + 30)) wrk -t"$threads" -c"$c" -d"${HTTP_SECS}s" \
+        --timeout 10s -s benches/wrk/report.lua "${extra[@]}" "$url" >"$outf" 2>&1 || true
+    # shellcheck disable=SC2086
+    after=$(cpu_ticks $pids)
+    local json; json=$(grep '^WRK_JSON ' "$outf" | sed 's/^WRK_JSON //' || true)
+    if [[ -z $json ]]; then
+        log "  $mode $payload c=$c $target: wrk gave no result (see $outf)"
+        echo "$mode,$payload,$c,$target,0,0,0,0,0,0,0,0,0"
+        return
+    fi
+    python3 - "$json" "$mode" "$payload" "$c" "$target" $((after - before)) "$CLK_TCK" "$HTTP_SECS" <<'PY'
+import json, sys
+j = json.loads(sys.argv[1]); mode, payload, c, target = sys.argv[2:6]
+ticks, hz = int(sys.argv[6]), int(sys.argv[7])
+secs = j["duration_us"] / 1e6
+reqs = j["requests"]
+errors = sum(j["errors"].values())
+cpu = ticks / hz
+per100k = cpu / reqs * 1e5 if reqs and target != "direct" else 0
+l = j["latency_us"]
+ms = lambda k: l[k] / 1000
+print(f"{mode},{payload},{c},{target},{reqs/secs:.0f},{ms('p50'):.3f},{ms('p90'):.3f},{ms('p99'):.3f},{ms('p999'):.3f},{errors},{reqs},{cpu:.2f},{per100k:.3f}")
+print(f"  {mode:9} {payload:6} c={c:<4} {target:6} {reqs/secs:9.0f} req/s  p99 {ms('p99'):7.2f} ms  cpu/100k {per100k:6.2f} s  errors {errors}", file=sys.stderr)
+PY
+}
+
+# --- WebSocket streaming and idle capacity, through the cluster ---------------
+CLUSTER=""; CLUSTER_PROXY=""; NGINX_WS=""; WS_BACKENDS=()
+start_cluster() {
+    local bus=(--embedded)
+    [[ $BUS == redis ]] && bus=(--redis "${REDIS_URL:-redis://127.0.0.1:6379}")
+    log "cluster: 3 AI nodes + 3 backends (bus: $BUS) behind our proxy; nginx on the same backends"
+    RUST_LOG=warn spawn 0 "$BIN/cluster" --conf benches/conf --port 18180 --status-port 18190 "${bus[@]}" \
+        >"$WORK/cluster.log" 2>&1
+    CLUSTER=$!; PIDS+=($CLUSTER)
+    for _ in $(seq 300); do
+        grep -q 'chat cluster is up' "$WORK/cluster.log" && break
+        kill -0 "$CLUSTER" 2>/dev/null || { cat "$WORK/cluster.log" >&2; return 1; }
+        sleep 0.1
+    done
+    grep -q 'chat cluster is up' "$WORK/cluster.log" || { cat "$WORK/cluster.log" >&2; return 1; }
+    # "  backend-1       http://127.0.0.1:PORT   metrics ..."
+    mapfile -t WS_BACKENDS < <(awk '$1 ~ /^backend-[0-9]+$/ {sub("http://", "", $2); print $2}' "$WORK/cluster.log")
+    CLUSTER_PROXY=$(pgrep -P "$CLUSTER" -x proxy | head -1)
+    # Pin the proxy the cluster started, like the HTTP one.
+    [[ $PIN == 1 ]] && taskset -pc 1 "$CLUSTER_PROXY" >/dev/null
+    start_nginx ws 127.0.0.1:18280 "${WS_BACKENDS[@]}"; NGINX_WS=$NGINX_PID; PIDS+=($NGINX_WS)
+    wait_http http://127.0.0.1:18280/api/ai-health
+    log "  backends ${WS_BACKENDS[*]}; proxy pid $CLUSTER_PROXY; nginx pid $NGINX_WS"
+}
+
+ws_part() {
+    log "WebSocket streams: sessions ${WS_SESSIONS}, 1 chat each at once, then 2 more in turn"
+    local chats=${WS_CHATS:-3}
+    for n in $WS_SESSIONS; do
+        for target in proxy nginx; do
+            local port=18180 pids=$CLUSTER_PROXY
+            [[ $target == nginx ]] && { port=18280; pids=$(nginx_pids "$NGINX_WS"); }
+            local before after out=$RAW/ws-$target-$n.json
+            # shellcheck disable=SC2086
+            before=$(cpu_ticks $pids)
+            on_cpu 0 timeout 300 "$BIN/loadgen" ws --url "ws://127.0.0.1:$port/ws/chat" --sessions "$n" \
+                --chats-per-session "$chats" --concurrency 128 --source-ips 64 --chat-timeout 60 \
+                --out "$out" >/dev/null 2>"$WORK/ws-$target-$n.err" || log "  loadgen ws failed: $(tail -3 "$WORK/ws-$target-$n.err")"
+            # shellcheck disable=SC2086
+            after=$(cpu_ticks $pids)
+            python3 - "$out" $((after - before)) "$CLK_TCK" "$target" <<'PY' || true
+import json, sys
+path, ticks, hz, target = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+j = json.load(open(path)); j["front_cpu_s"] = ticks / hz; j["front"] = target
+json.dump(j, open(path, "w"), indent=1)
+p = j["publish_to_client"]; f = j["first_chunk"]
+print(f"  {target:6} N={j['sessions']:<5} complete {j['complete']}/{j['chats']} lost {j['lost_chunks']} "
+      f"errors {j['error_events'] + j['unfinished'] + j['connect_errors']}  first chunk p99 {f['p99_ms']:.1f} ms  "
+      f"publish->client p50 {p['p50_ms']:.2f} p99 {p['p99_ms']:.2f} ms  {j['chunks_per_sec']:.0f} chunks/s", file=sys.stderr)
+PY
+            sleep 1
+        done
+    done
+}
+
+idle_part() {
+    log "idle WebSockets: $IDLE_COUNT through our proxy, then through nginx"
+    for target in proxy nginx; do
+        local port=18180 watch=(--watch "proxy=$CLUSTER_PROXY")
+        [[ $target == nginx ]] && { port=18280; watch=(--watch "nginx=$(nginx_pids "$NGINX_WS" | tr ' ' ,)"); }
+        on_cpu 0 timeout 240 "$BIN/loadgen" idle --url "ws://127.0.0.1:$port/ws/chat" --count "$IDLE_COUNT" \
+            --concurrency 64 --source-ips 100 --hold "${IDLE_HOLD:-5}" "${watch[@]}" --watch "backends+ai=$CLUSTER" \
+            --out "$RAW/idle-$target.json" >/dev/null 2>"$WORK/idle-$target.err" ||
+            log "  loadgen idle failed: $(tail -3 "$WORK/idle-$target.err")"
+        python3 - "$RAW/idle-$target.json" <<'PY' || true
+import json, sys
+j = json.load(open(sys.argv[1]))
+mem = ", ".join(f"{k} {v['kb_per_socket']:.1f} KB/socket" for k, v in j["memory"].items())
+print(f"  held {j['held']}/{j['requested']} (failed {j['failed']}) in {j['open_secs']:.1f} s; {mem}", file=sys.stderr)
+PY
+        sleep 3
+    done
+}
+
+# --- microbenchmarks -----------------------------------------------------------
+micro_part() {
+    log "criterion microbenchmarks"
+    local args=(--warm-up-time 1 --measurement-time "$([[ $FULL == 1 ]] && echo 3 || echo 1)" --noplot)
+    timeout 900 cargo bench -q -p proxy --bench hot_paths -- "${args[@]}" 2>&1 | grep -E 'time:' >&2 || true
+    timeout 900 cargo bench -q -p backend --bench node_selection -- "${args[@]}" 2>&1 | grep -E 'time:' >&2 || true
+    timeout 900 cargo bench -q -p chat-wire --bench events -- "${args[@]}" 2>&1 | grep -E 'time:' >&2 || true
+    python3 - "$ROOT/target/criterion" "$RAW/micro.csv" <<'PY'
+import json, os, sys
+root, out = sys.argv[1], sys.argv[2]
+rows = []
+for dirpath, _, files in os.walk(root):
+    if "estimates.json" in files and dirpath.endswith("/new"):
+        bench = json.load(open(os.path.join(dirpath, "benchmark.json")))
+        est = json.load(open(os.path.join(dirpath, "estimates.json")))
+        rows.append((bench["full_id"], est["median"]["point_estimate"], est["mean"]["point_estimate"]))
+with open(out, "w") as f:
+    f.write("bench,median_ns,mean_ns\n")
+    for r in sorted(rows):
+        f.write(f"{r[0]},{r[1]:.1f},{r[2]:.1f}\n")
+PY
+}
+
+# --- main ----------------------------------------------------------------------
+install_tools
+ulimit -n 100000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+log "open files limit $(ulimit -n); building release (proxy, cluster, loadgen)"
+cargo build --release -q -p proxy -p cluster -p loadgen
+machine_json >"$RAW/machine.json"
+STARTED=$(date +%s)
+for part in $PARTS; do
+    case $part in
+        http) http_part ;;
+        ws) [[ -n $CLUSTER ]] || start_cluster; ws_part ;;
+        idle) [[ -n $CLUSTER ]] || start_cluster; idle_part ;;
+        micro) ;;
+        *) echo "unknown part $part" >&2; exit 64 ;;
+    esac
+done
+[[ -n $CLUSTER ]] && stop "$NGINX_WS" "$CLUSTER"
+[[ " $PARTS " == *" micro "* ]] && micro_part
+python3 benches/report.py "$RAW" "$OUT"
+log "done in $(($(date +%s) - STARTED)) s: $OUT/README.md"
