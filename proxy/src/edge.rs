@@ -102,8 +102,8 @@ async fn answer(session: &mut Session, status: u16, code: &str, message: &str, r
 }
 
 impl Edge {
-    fn group_name(ctx: &RequestCtx) -> String {
-        ctx.group.as_ref().map_or_else(|| "-".to_string(), |g| g.name())
+    fn group_name(ctx: &RequestCtx) -> &str {
+        ctx.group.as_ref().map_or("-", |g| g.name())
     }
 
     fn record_upstream_failure(&self, ctx: &RequestCtx, addr: SocketAddr) {
@@ -403,24 +403,28 @@ impl ProxyHttp for Edge {
         let group = Self::group_name(ctx);
         let elapsed = ctx.start.elapsed();
         let metrics = &self.state.metrics;
-        metrics.requests.with_label_values(&[group.as_str(), status.to_string().as_str()]).inc();
-        metrics.latency.with_label_values(&[group.as_str()]).observe(elapsed.as_secs_f64());
-        let req = session.req_header();
-        let upstream = ctx.tried.last().map_or_else(|| "-".to_string(), ToString::to_string);
-        let error = e.map(|e| format!(" error=\"{e}\"")).unwrap_or_default();
-        log::info!(
-            target: "access",
-            "client={} method={} path={} status={} upstream={} duration_ms={} bytes={} request_id={}{}",
-            ctx.client.map_or_else(|| "-".to_string(), |c| c.to_string()),
-            req.method,
-            req.uri.path(),
-            status,
-            upstream,
-            elapsed.as_millis(),
-            session.body_bytes_sent(),
-            ctx.request_id,
-            error,
-        );
+        let code = http::StatusCode::from_u16(status).ok();
+        metrics.requests.with_label_values(&[group, code.as_ref().map_or("0", |c| c.as_str())]).inc();
+        metrics.latency.with_label_values(&[group]).observe(elapsed.as_secs_f64());
+        // The access line is built only when the access log is on.
+        if log::log_enabled!(target: "access", log::Level::Info) {
+            let req = session.req_header();
+            let upstream = ctx.tried.last().map_or_else(|| "-".to_string(), ToString::to_string);
+            let error = e.map(|e| format!(" error=\"{e}\"")).unwrap_or_default();
+            log::info!(
+                target: "access",
+                "client={} method={} path={} status={} upstream={} duration_ms={} bytes={} request_id={}{}",
+                ctx.client.map_or_else(|| "-".to_string(), |c| c.to_string()),
+                req.method,
+                req.uri.path(),
+                status,
+                upstream,
+                elapsed.as_millis(),
+                session.body_bytes_sent(),
+                ctx.request_id,
+                error,
+            );
+        }
         // Ends the in-flight count now rather than when the context drops.
         ctx.in_flight = None;
     }

@@ -117,15 +117,11 @@ pub async fn check_once(group: &UpstreamGroup, health: &HealthConfig, state: &St
     let mut current = HashSet::new();
     for backend in group.states() {
         let addr = backend.addr.to_string();
-        state
-            .metrics
-            .upstream_up
-            .with_label_values(&[name.as_str(), addr.as_str()])
-            .set(i64::from(backend.available(now)));
+        state.metrics.upstream_up.with_label_values(&[name, addr.as_str()]).set(i64::from(backend.available(now)));
         current.insert(addr);
     }
     for gone in reported.difference(&current) {
-        let _ = state.metrics.upstream_up.remove_label_values(&[name.as_str(), gone.as_str()]);
+        let _ = state.metrics.upstream_up.remove_label_values(&[name, gone.as_str()]);
     }
     *reported = current;
 }

@@ -119,7 +119,7 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), ProxyError> {
         // listeners (graceful upgrade) must not answer 503 while it learns
         // which backends are up.
         for group in state.upstreams.all() {
-            let health = group.config().health;
+            let health = group.config().health.clone();
             health::check_once(group, &health, &state, &mut Default::default()).await;
         }
         state

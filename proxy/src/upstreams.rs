@@ -174,8 +174,11 @@ impl ServerList {
 
 /// One upstream group: its settings, ring and backend states.
 pub struct UpstreamGroup {
-    /// Settings; replaced on reload (server list and timeouts).
-    config: RwLock<UpstreamConfig>,
+    /// The group's name; fixed for the group's life (a reload never renames a group).
+    name: String,
+    /// Settings; replaced on reload (server list and timeouts). Shared, so a
+    /// request takes a snapshot without copying it.
+    config: RwLock<Arc<UpstreamConfig>>,
     /// The list the discovery reads.
     servers: Arc<RwLock<Vec<String>>>,
     /// Pingora's ketama ring over the resolved servers.
@@ -215,7 +218,8 @@ impl UpstreamGroup {
         let discovery = ServerList { servers: servers.clone(), resolved: Mutex::new(HashMap::new()) };
         let lb = LoadBalancer::from_backends(Backends::new(Box::new(discovery)));
         let group = Arc::new(Self {
-            config: RwLock::new(config),
+            name: config.name.clone(),
+            config: RwLock::new(Arc::new(config)),
             servers,
             lb,
             states: RwLock::new(HashMap::new()),
@@ -226,12 +230,12 @@ impl UpstreamGroup {
     }
 
     /// The group's name.
-    pub fn name(&self) -> String {
-        self.config().name
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
-    /// A copy of the current settings.
-    pub fn config(&self) -> UpstreamConfig {
+    /// The current settings.
+    pub fn config(&self) -> Arc<UpstreamConfig> {
         self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -239,7 +243,7 @@ impl UpstreamGroup {
     /// Existing connections are not touched; only new requests see it.
     pub async fn reconfigure(&self, config: UpstreamConfig) {
         *self.servers.write().unwrap_or_else(|p| p.into_inner()) = config.servers.clone();
-        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
         self.refresh().await;
         self.check_now.notify_one();
     }
@@ -293,8 +297,8 @@ impl UpstreamGroup {
         let now = Instant::now();
         let config = self.config();
         GroupView {
-            name: config.name,
-            servers: config.servers,
+            name: config.name.clone(),
+            servers: config.servers.clone(),
             backends: self
                 .states()
                 .iter()
