@@ -32,7 +32,15 @@ ensure_redis() {
     redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
       --pidfile "/tmp/chat-test-redis-$port.pid" --logfile "/tmp/chat-test-redis-$port.log"
     for _ in $(seq 50); do redis-cli -p "$port" ping 2>/dev/null | grep -q PONG && break; sleep 0.1; done
-    trap "kill \$(cat /tmp/chat-test-redis-$port.pid) 2>/dev/null || true" EXIT
+    OWN_REDIS_PIDFILE="/tmp/chat-test-redis-$port.pid"
+    trap stop_own_redis EXIT
     export TEST_REDIS_URL="redis://127.0.0.1:$port"
+  fi
+}
+
+# Stops the redis-server ensure_redis started, if it started one.
+stop_own_redis() {
+  if [ -n "${OWN_REDIS_PIDFILE:-}" ] && [ -f "$OWN_REDIS_PIDFILE" ]; then
+    kill "$(cat "$OWN_REDIS_PIDFILE")" 2>/dev/null || true
   fi
 }

@@ -14,7 +14,8 @@ ensure_build_tools
 ensure_redis
 
 echo "== cargo test (Redis at $TEST_REDIS_URL)"
-cargo test --workspace --locked "$@"
+results=$(mktemp "${TMPDIR:-/tmp}/chat-test-results.XXXXXX")
+cargo test --workspace --locked "$@" 2>&1 | tee "$results"
 [ $# -eq 0 ] || exit 0
 
 echo "== fuzz: every target briefly (longer runs: scripts/fuzz.sh SECONDS)"
@@ -25,7 +26,7 @@ cargo build --locked -p cluster -p proxy
 log=$(mktemp "${TMPDIR:-/tmp}/chat-cluster.XXXXXX.log")
 target/debug/cluster --port 0 --status-port 0 --redis "$TEST_REDIS_URL" >"$log" 2>&1 &
 cluster=$!
-trap 'kill $cluster 2>/dev/null || true; wait $cluster 2>/dev/null || true' EXIT
+trap 'kill $cluster 2>/dev/null || true; wait $cluster 2>/dev/null || true; stop_own_redis' EXIT
 for _ in $(seq 600); do
   grep -q "chat cluster is up" "$log" && break
   kill -0 $cluster 2>/dev/null || { cat "$log"; echo "the cluster exited"; exit 1; }
@@ -34,3 +35,7 @@ done
 url=$(sed -n 's|^  chat page *\(http://[^ ]*\)/$|\1|p' "$log")
 [ -n "$url" ] || { cat "$log"; echo "the cluster did not come up"; exit 1; }
 scripts/e2e_page.sh "$url"
+
+# One closing line: the cargo tests' totals (the fuzz and page steps above
+# print their own; reaching this line means every step passed).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$results"
