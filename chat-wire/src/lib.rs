@@ -14,6 +14,7 @@ pub mod ids;
 pub mod keys;
 pub mod ledger;
 pub mod redis_conn;
+pub mod service;
 
 pub use events::{now_micros, Event, EventKind};
 pub use ids::{new_request_id, validate_id, validate_message, InvalidInput, MAX_ID_LEN, MAX_MESSAGE_CHARS};
