@@ -7,11 +7,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use proxy::config::{self, Overrides};
 
-/// mimalloc: the glibc allocator was about 15% of the proxy's CPU under load
-/// (perf, `benches/results/README.md`); requests allocate many small buffers.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// The edge proxy in front of the chat backends.
 #[derive(Debug, Parser)]
 #[command(version, about)]
