@@ -12,6 +12,19 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
 }
 
+# Says how much disk the build has: a test build from scratch needs about
+# 6 GB (target/ plus fuzz/target/); with less, the run stops here saying so
+# rather than failing later in a compiler.
+check_disk() {
+  local need_mb=${1:-6000} free_mb
+  free_mb=$(df --output=avail -BM . | tail -1 | tr -dc 0-9)
+  echo "== disk: ${free_mb} MB free here (a build from scratch needs about ${need_mb} MB)"
+  if [ "$free_mb" -lt 1500 ]; then
+    echo "not enough disk to build: free some (old target/ directories, /tmp) and run again" >&2
+    return 1
+  fi
+}
+
 # Pingora's build needs cmake (and a C compiler, which rustup machines have).
 ensure_build_tools() {
   command -v cmake >/dev/null || { echo "== installing cmake"; apt_install cmake; }

@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/setup.sh
 source scripts/setup.sh
 
+check_disk
 ensure_build_tools
 ensure_redis
 

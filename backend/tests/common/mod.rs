@@ -749,7 +749,7 @@ impl EdgeProxy {
                         .flat_map(|g| g["backends"].as_array().cloned().unwrap_or_default())
                         .filter(|b| b["health"] == "up")
                         .count();
-                    if up >= n {
+                    if up >= n && self.public_answers().await {
                         return;
                     }
                 }
@@ -759,6 +759,19 @@ impl EdgeProxy {
             assert!(Instant::now() < deadline, "proxy never saw {n} backends up:\n{}", self.log_tail());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Whether the public listener (which can come up after the status one)
+    /// answers: a request without Host, which the proxy answers 400 itself.
+    async fn public_answers(&self) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut stream) = tokio::net::TcpStream::connect(self.addr()).await else { return false };
+        let mut answer = [0u8; 12];
+        let exchange = async {
+            stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await?;
+            stream.read_exact(&mut answer).await
+        };
+        matches!(tokio::time::timeout(Duration::from_secs(1), exchange).await, Ok(Ok(_))) && &answer[9..] == b"400"
     }
 
     /// The public listener's address, for raw TCP clients.

@@ -326,13 +326,33 @@ impl Proxy {
                         .as_array()
                         .map(|b| b.iter().filter(|b| b["health"] == "up").count())
                         .unwrap_or(0);
-                    if up >= n {
+                    // The status listener can come up before the public one:
+                    // one request the proxy answers itself (400 for a second
+                    // Host, so no backend's count moves), then wait until the
+                    // proxy has closed that connection: tests start from none open.
+                    let local = IpAddr::from([127, 0, 0, 1]);
+                    let probe = request_from(local, self.public, "GET", "/", &[("Host", "x")], b"").await;
+                    if up >= n && probe.is_ok_and(|r| r.status == 400) {
+                        self.wait_for_no_open_connections().await;
                         return;
                     }
                 }
             }
             assert!(Instant::now() < deadline, "proxy not ready:\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the public listener has no open connection.
+    async fn wait_for_no_open_connections(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = get(self.status, "/nginx-status").await.ok().and_then(|r| parse_stub_status(&r.body));
+            if status.is_some_and(|s| s[0] == 0) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "connections stay open: {status:?}\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
