@@ -89,11 +89,18 @@ pub async fn upgrade(
     // whole and answered with a clean 1009 (the limit itself is checked on
     // each message); past 4x the transport errors out and the socket is closed.
     let hard_cap = app.config.max_frame_bytes.saturating_mul(4);
-    ws.max_message_size(hard_cap).max_frame_size(hard_cap).on_upgrade(move |socket| async move {
-        let tracker = app.sockets.clone();
-        tracker.track_future(serve(app, socket, session_id, ip)).await
-    })
+    ws.max_message_size(hard_cap).max_frame_size(hard_cap).read_buffer_size(WS_READ_BUFFER).on_upgrade(
+        move |socket| async move {
+            let tracker = app.sockets.clone();
+            tracker.track_future(serve(app, socket, session_id, ip)).await
+        },
+    )
 }
+
+/// Read buffer of each socket. tungstenite's default (128 KiB) is zero-filled
+/// on the first read, so every idle socket kept 128 KiB resident; client
+/// frames are small (a chat message), and a larger one still grows the buffer.
+const WS_READ_BUFFER: usize = 8 * 1024;
 
 /// Counts the socket in `ws_active` while it lives.
 struct Active(Arc<App>);

@@ -106,6 +106,10 @@ pub struct FileServer {
     /// Worker threads of the proxy service.
     #[serde(default = "default_threads")]
     pub threads: Spanned<usize>,
+    /// One work-stealing runtime for all threads (true), or one runtime per
+    /// thread, each serving its own connections like an nginx worker (false).
+    #[serde(default = "default_work_stealing")]
+    pub work_stealing: bool,
     /// Extra attempts on the next backend of the ring after a failed connect.
     #[serde(default = "default_max_retries")]
     pub max_retries: usize,
@@ -177,6 +181,12 @@ pub struct FileClient {
     /// Requests per second one client IP may make; 0 turns the limit off.
     #[serde(default)]
     pub requests_per_second: u32,
+    /// Read buffer of each client connection, in bytes.
+    #[serde(default = "default_read_buffer")]
+    pub read_buffer: Spanned<usize>,
+    /// Write buffer of each client connection, in bytes.
+    #[serde(default = "default_write_buffer")]
+    pub write_buffer: Spanned<usize>,
 }
 
 /// `[sticky]`
@@ -260,6 +270,10 @@ fn unspanned<T>(value: T) -> Spanned<T> {
 fn s(value: &str) -> Spanned<String> {
     unspanned(value.to_string())
 }
+fn default_work_stealing() -> bool {
+    true
+}
+
 fn default_threads() -> Spanned<usize> {
     unspanned(2)
 }
@@ -296,6 +310,19 @@ fn default_body_timeout() -> Spanned<String> {
 fn default_keepalive_timeout() -> Spanned<String> {
     s("60s")
 }
+/// Largest connection buffer accepted.
+const MAX_BUFFER: usize = 1 << 20;
+
+fn default_read_buffer() -> Spanned<usize> {
+    unspanned(64 * 1024)
+}
+
+/// Larger than Pingora's 1460: a response header and a body of up to
+/// about 16 KB with a known length go out in one write, not two.
+fn default_write_buffer() -> Spanned<usize> {
+    unspanned(16 * 1024)
+}
+
 fn default_max_body_bytes() -> u64 {
     1024 * 1024
 }
@@ -361,6 +388,7 @@ impl Default for FileServer {
     fn default() -> Self {
         Self {
             threads: default_threads(),
+            work_stealing: default_work_stealing(),
             max_retries: default_max_retries(),
             grace_period: default_grace_period(),
             shutdown_timeout: default_shutdown_timeout(),
@@ -385,6 +413,8 @@ impl Default for FileClient {
             max_body_bytes: default_max_body_bytes(),
             max_connections: default_max_connections(),
             requests_per_second: 0,
+            read_buffer: default_read_buffer(),
+            write_buffer: default_write_buffer(),
         }
     }
 }
@@ -470,6 +500,8 @@ pub struct Config {
 pub struct ServerSettings {
     /// Worker threads.
     pub threads: usize,
+    /// One shared work-stealing runtime, or one runtime per thread.
+    pub work_stealing: bool,
     /// Bound on retries after a failed connect.
     pub max_retries: usize,
     /// Time listeners keep serving after SIGTERM.
@@ -523,6 +555,10 @@ pub struct ClientSettings {
     pub max_connections: usize,
     /// Requests per second per client IP; 0 is unlimited.
     pub requests_per_second: u32,
+    /// Read buffer per client connection (bytes; 0: unbuffered).
+    pub read_buffer: usize,
+    /// Write buffer per client connection (bytes; 0: unbuffered).
+    pub write_buffer: usize,
 }
 
 /// One upstream group.
@@ -547,7 +583,7 @@ pub struct UpstreamConfig {
 }
 
 /// Active health check settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HealthConfig {
     /// Path requested.
     pub path: String,
@@ -693,6 +729,7 @@ impl<'a> Checker<'a> {
                 }
                 *raw.server.threads.get_ref()
             },
+            work_stealing: raw.server.work_stealing,
             max_retries: raw.server.max_retries,
             grace_period: self.duration("server.grace_period", &raw.server.grace_period),
             shutdown_timeout: self.duration("server.shutdown_timeout", &raw.server.shutdown_timeout),
@@ -722,6 +759,13 @@ impl<'a> Checker<'a> {
         if *raw.client.max_connections.get_ref() == 0 {
             self.problem("client.max_connections", &raw.client.max_connections, "must be at least 1".into());
         }
+        for (key, value) in
+            [("client.read_buffer", &raw.client.read_buffer), ("client.write_buffer", &raw.client.write_buffer)]
+        {
+            if *value.get_ref() > MAX_BUFFER {
+                self.problem(key, value, format!("must be at most {MAX_BUFFER} bytes"));
+            }
+        }
         let client = ClientSettings {
             trusted_proxies,
             header_timeout: self.positive_duration("client.header_timeout", &raw.client.header_timeout),
@@ -730,6 +774,8 @@ impl<'a> Checker<'a> {
             max_body_bytes: raw.client.max_body_bytes,
             max_connections: *raw.client.max_connections.get_ref(),
             requests_per_second: raw.client.requests_per_second,
+            read_buffer: *raw.client.read_buffer.get_ref(),
+            write_buffer: *raw.client.write_buffer.get_ref(),
         };
 
         let sticky = match raw.sticky.key.get_ref().parse::<StickyKey>() {
@@ -923,6 +969,22 @@ mod tests {
         assert!(keys.contains(&("listen.public", Some(2))), "{keys:?}");
         assert!(keys.contains(&("upstreams.backends.servers", Some(4))), "{keys:?}");
         assert!(keys.contains(&("websocket.idle_timeout", Some(6))), "{keys:?}");
+    }
+
+    #[test]
+    fn runtime_and_buffer_settings_are_read_and_bounded() {
+        let c = parse("t.toml", "", &Overrides::default()).unwrap();
+        assert!(c.server.work_stealing);
+        assert_eq!((c.client.read_buffer, c.client.write_buffer), (65536, 16384));
+
+        let text = "[server]\nwork_stealing = false\n[client]\nread_buffer = 0\nwrite_buffer = 1024\n";
+        let c = parse("t.toml", text, &Overrides::default()).unwrap();
+        assert!(!c.server.work_stealing);
+        assert_eq!((c.client.read_buffer, c.client.write_buffer), (0, 1024));
+
+        let p = problems("[client]\nread_buffer = 1048577\nwrite_buffer = 99999999999\n");
+        let keys: Vec<_> = p.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        assert_eq!(keys, [("client.read_buffer", Some(2)), ("client.write_buffer", Some(3))], "{p:?}");
     }
 
     #[test]

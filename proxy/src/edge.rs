@@ -81,6 +81,16 @@ impl Drop for InFlight {
     }
 }
 
+/// A number unique to the current thread, for its own upstream connection pool.
+fn thread_key() -> u64 {
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static KEY: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    KEY.with(|k| *k)
+}
+
 /// Whether a client-supplied request id is safe to pass on.
 fn acceptable_request_id(id: &str) -> bool {
     (1..=128).contains(&id.len())
@@ -265,6 +275,12 @@ impl ProxyHttp for Edge {
             state.requests.fetch_add(1, Ordering::Relaxed);
         }
         let mut peer = HttpPeer::new(addr, false, String::new());
+        if !self.state.config.server.work_stealing {
+            // Each thread runs its own runtime, and a connection wakes the
+            // runtime that opened it: reusing only this thread's upstream
+            // connections keeps every request on one thread.
+            peer.group_key = thread_key();
+        }
         peer.options.connection_timeout = Some(config.connect_timeout);
         peer.options.idle_timeout = Some(UPSTREAM_IDLE);
         peer.options.read_timeout =

@@ -45,8 +45,33 @@ impl BackgroundService for HealthChecker {
     }
 }
 
-/// Builds the probe for a group's settings.
-fn probe(health: &HealthConfig) -> Option<HttpHealthCheck> {
+/// A group's probe, built for its health settings. Pingora's check carries
+/// a connector, which loads the system's CA certificates when built: it is
+/// built once and again only when a reload changes the settings.
+pub struct Probe {
+    /// The settings it was built for.
+    settings: HealthConfig,
+    /// Pingora's check; `None` when the path is unusable (logged once).
+    check: Option<Arc<HttpHealthCheck>>,
+}
+
+impl Probe {
+    /// The probe for `settings`.
+    pub fn new(settings: &HealthConfig) -> Self {
+        Self { settings: settings.clone(), check: build_check(settings).map(Arc::new) }
+    }
+
+    /// The same probe, rebuilt first if `settings` changed.
+    fn for_settings(&mut self, settings: &HealthConfig) -> &Self {
+        if self.settings != *settings {
+            *self = Self::new(settings);
+        }
+        self
+    }
+}
+
+/// Pingora's HTTP check for `health`: GET the path, 200 is healthy.
+fn build_check(health: &HealthConfig) -> Option<HttpHealthCheck> {
     let mut check = HttpHealthCheck::new("proxy-health-check", false);
     check.req = match RequestHeader::build("GET", health.path.as_bytes(), None) {
         Ok(mut req) => {
@@ -69,13 +94,14 @@ fn probe(health: &HealthConfig) -> Option<HttpHealthCheck> {
 async fn check_forever(group: Arc<UpstreamGroup>, state: Arc<State>) {
     let mut resolved_at = Instant::now();
     let mut reported: HashSet<String> = HashSet::new();
+    let mut probe = Probe::new(&group.config().health);
     loop {
         let config = group.config();
         if resolved_at.elapsed() >= config.resolve_interval {
             group.refresh().await;
             resolved_at = Instant::now();
         }
-        check_once(&group, &config.health, &state, &mut reported).await;
+        check_once(&group, probe.for_settings(&config.health), &state, &mut reported).await;
         tokio::select! {
             _ = tokio::time::sleep(config.health.interval) => {}
             _ = group.check_now.notified() => {}
@@ -84,9 +110,9 @@ async fn check_forever(group: Arc<UpstreamGroup>, state: Arc<State>) {
 }
 
 /// One round of checks over every backend of a group, in parallel.
-pub async fn check_once(group: &UpstreamGroup, health: &HealthConfig, state: &State, reported: &mut HashSet<String>) {
-    let Some(check) = probe(health) else { return };
-    let check = Arc::new(check);
+pub async fn check_once(group: &UpstreamGroup, probe: &Probe, state: &State, reported: &mut HashSet<String>) {
+    let Some(check) = &probe.check else { return };
+    let health = &probe.settings;
     let name = group.name();
     let mut round = tokio::task::JoinSet::new();
     for backend in group.states() {

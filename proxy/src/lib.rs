@@ -21,6 +21,8 @@ pub mod upstreams;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use pingora_core::listeners::tls::TlsSettings;
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
 use pingora_core::services::background::background_service;
@@ -97,6 +99,7 @@ pub fn server_conf(config: &Config, daemon: bool) -> ServerConf {
     let s = &config.server;
     ServerConf {
         threads: s.threads,
+        work_stealing: s.work_stealing,
         daemon,
         pid_file: s.pid_file.clone(),
         upgrade_sock: s.upgrade_sock.clone(),
@@ -119,8 +122,8 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), ProxyError> {
         // listeners (graceful upgrade) must not answer 503 while it learns
         // which backends are up.
         for group in state.upstreams.all() {
-            let health = group.config().health.clone();
-            health::check_once(group, &health, &state, &mut Default::default()).await;
+            let probe = health::Probe::new(&group.config().health);
+            health::check_once(group, &probe, &state, &mut Default::default()).await;
         }
         state
     });
@@ -136,12 +139,13 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), ProxyError> {
 
     let proxy = pingora_proxy::http_proxy(&server.configuration, Edge::new(state.clone()));
     let mut public = Service::new("proxy".to_string(), Connections::new(proxy, state.clone()));
-    public.add_tcp(&config.listen.public.to_string());
+    let buffers = L4BufferSettings::new(config.client.read_buffer, config.client.write_buffer);
+    public.add_listener(ListenerConfig::tcp(config.listen.public.to_string()).l4_buffer(buffers));
     if let Some(tls) = &config.listen.tls {
         let addr = tls.addr.to_string();
-        public
-            .add_tls(&addr, &tls.cert.to_string_lossy(), &tls.key.to_string_lossy())
+        let settings = TlsSettings::intermediate(&tls.cert.to_string_lossy(), &tls.key.to_string_lossy())
             .map_err(|e| ProxyError::Tls { addr: addr.clone(), reason: e.to_string() })?;
+        public.add_listener(ListenerConfig::tcp(addr).tls(settings).l4_buffer(buffers));
     }
     server.add_service(public);
 

@@ -56,6 +56,42 @@ async fn same_client_ip_always_reaches_the_same_backend_and_clients_spread_evenl
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_thread_runtimes_and_tiny_buffers_still_proxy_every_byte() {
+    // One runtime per thread, each with its own upstream pool; client
+    // buffers far below a request or response (and none for writes).
+    let backends = three_backends();
+    let options = ProxyOptions {
+        server: "work_stealing = false\n".into(),
+        client: "read_buffer = 512\nwrite_buffer = 0\n".into(),
+        ..Default::default()
+    };
+    let proxy = Proxy::start(&addrs(&backends), options).await;
+    let first = backends_by_client(&proxy, 60).await;
+    assert_eq!(first.values().collect::<std::collections::HashSet<_>>().len(), 3, "{first:?}");
+
+    // Keepalive connections, requests spread over both runtimes' threads.
+    let mut clients = Vec::new();
+    for i in 0..8u32 {
+        let public = proxy.public;
+        let want = first[&i].clone();
+        clients.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder().local_address(client_ip(i)).build().unwrap();
+            for n in 0..25 {
+                let body = vec![b'a' + (n % 26) as u8; 1000 * n as usize + 1];
+                let r = client.post(format!("http://{public}/api/echo")).body(body.clone()).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                assert_eq!(r.headers()["x-backend-id"], want.as_str(), "client {i} moved");
+                let echoed: serde_json::Value = r.json().await.unwrap();
+                assert_eq!(echoed["body_len"], body.len(), "client {i} request {n}");
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_backends_clients_move_the_others_stay_and_it_comes_back() {
     let mut backends = three_backends();
     let proxy = Proxy::start(&addrs(&backends), ProxyOptions::default()).await;

@@ -160,6 +160,8 @@ pub struct Proxy {
 /// Settings tests vary; the rest of the config is generated.
 #[derive(Clone)]
 pub struct ProxyOptions {
+    /// Extra TOML for `[server]`.
+    pub server: String,
     /// Extra TOML for `[client]`.
     pub client: String,
     /// Extra TOML for `[upstreams.backends]`.
@@ -177,6 +179,7 @@ pub struct ProxyOptions {
 impl Default for ProxyOptions {
     fn default() -> Self {
         Self {
+            server: String::new(),
             client: String::new(),
             upstream: String::new(),
             health: "interval = \"200ms\"\ntimeout = \"500ms\"\nrise = 1\nfall = 1\n".into(),
@@ -197,13 +200,14 @@ pub fn config_text(
 ) -> String {
     let servers: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
     format!(
-        "[server]\nthreads = 2\ngrace_period = \"0s\"\nshutdown_timeout = \"1s\"\npid_file = \"{dir}/proxy.pid\"\nupgrade_sock = \"{dir}/upgrade.sock\"\n\
+        "[server]\nthreads = 2\ngrace_period = \"0s\"\nshutdown_timeout = \"1s\"\npid_file = \"{dir}/proxy.pid\"\nupgrade_sock = \"{dir}/upgrade.sock\"\n{server}\n\
          [listen]\npublic = \"127.0.0.1:{public}\"\nstatus = \"127.0.0.1:{status}\"\n\
          [client]\n{client}\n\
          [websocket]\nidle_timeout = \"{ws}\"\n\
          [upstreams.backends]\nservers = [{servers}]\n{upstream}\n\
          [upstreams.backends.health]\n{health}\n{routes}\n{extra}\n",
         dir = dir.display(),
+        server = o.server,
         client = o.client,
         ws = o.ws_idle,
         servers = servers.join(", "),
