@@ -7,11 +7,12 @@
 #
 # Environment (defaults in brackets):
 #   FULL [1]            1 = full matrix, 0 = a few cells of each part
-#   PARTS [http ws idle micro]   which parts to run
+#   PARTS [http ws steady idle micro]   which parts to run
 #   WORKERS [2]         proxy threads = nginx worker_processes
 #   CONCURRENCIES       HTTP client connections [1 16 64 256]
 #   HTTP_SECS [5]       seconds per HTTP cell (after a 1 s warm-up)
 #   WS_SESSIONS         concurrent streams per WebSocket cell [100 1000 3000]
+#   WS_STEADY_SESSIONS  the same with starts spread over one chunk interval [1000]
 #   IDLE_COUNT [10000]  idle WebSockets to open
 #   BUS [embedded]      embedded | redis (the cluster's event bus)
 #   PIN [0]             1 = proxy/nginx on CPU 1, load generator and backends on CPU 0
@@ -28,7 +29,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 FULL=${FULL:-1}
 WORKERS=${WORKERS:-2}
-PARTS=${PARTS:-http ws idle micro}
+PARTS=${PARTS:-http ws steady idle micro}
 BUS=${BUS:-embedded}
 PIN=${PIN:-0}
 OUT=${OUT:-$ROOT/benches/results}
@@ -36,11 +37,13 @@ if [[ $FULL == 1 ]]; then
     CONCURRENCIES=${CONCURRENCIES:-1 16 64 256}
     HTTP_SECS=${HTTP_SECS:-5}
     WS_SESSIONS=${WS_SESSIONS:-100 1000 3000}
+    WS_STEADY_SESSIONS=${WS_STEADY_SESSIONS:-1000}
     IDLE_COUNT=${IDLE_COUNT:-10000}
 else
     CONCURRENCIES=${CONCURRENCIES:-1 64}
     HTTP_SECS=${HTTP_SECS:-2}
     WS_SESSIONS=${WS_SESSIONS:-100}
+    WS_STEADY_SESSIONS=${WS_STEADY_SESSIONS:-100}
     IDLE_COUNT=${IDLE_COUNT:-1000}
 fi
 RAW=$OUT/raw
@@ -285,6 +288,35 @@ PY
     done
 }
 
+# The same streams with the sessions' first chats spread evenly over one
+# chunk interval (50 ms at the bench AI nodes' 20 chunks/s): steady load with
+# random phases, as real traffic arrives, instead of every chunk of every
+# answer published in the same instant.
+steady_part() {
+    log "WebSocket streams, starts spread over 50 ms: sessions ${WS_STEADY_SESSIONS}"
+    local chats=${WS_CHATS:-3}
+    for n in $WS_STEADY_SESSIONS; do
+        for target in proxy nginx; do
+            local port=18180 pids=$CLUSTER_PROXY
+            [[ $target == nginx ]] && { port=18280; pids=$(nginx_pids "$NGINX_WS"); }
+            local out=$RAW/steady-$target-$n.json
+            on_cpu 0 timeout 300 "$BIN/loadgen" ws --url "ws://127.0.0.1:$port/ws/chat" --sessions "$n" \
+                --chats-per-session "$chats" --concurrency 128 --source-ips 64 --chat-timeout 60 --spread-ms 50 \
+                --out "$out" >/dev/null 2>"$WORK/steady-$target-$n.err" || log "  loadgen ws failed: $(tail -3 "$WORK/steady-$target-$n.err")"
+            python3 - "$out" "$target" <<'PY' || true
+import json, sys
+path, target = sys.argv[1], sys.argv[2]
+j = json.load(open(path)); j["front"] = target
+json.dump(j, open(path, "w"), indent=1)
+p = j["publish_to_client"]
+print(f"  {target:6} N={j['sessions']:<5} spread 50 ms: complete {j['complete']}/{j['chats']} lost {j['lost_chunks']} "
+      f"publish->client p50 {p['p50_ms']:.2f} p99 {p['p99_ms']:.2f} ms", file=sys.stderr)
+PY
+            sleep 1
+        done
+    done
+}
+
 idle_part() {
     log "idle WebSockets: $IDLE_COUNT through our proxy, then through nginx"
     for target in proxy nginx; do
@@ -338,6 +370,7 @@ for part in $PARTS; do
     case $part in
         http) http_part ;;
         ws) [[ -n $CLUSTER ]] || start_cluster; ws_part ;;
+        steady) [[ -n $CLUSTER ]] || start_cluster; steady_part ;;
         idle) [[ -n $CLUSTER ]] || start_cluster; idle_part ;;
         micro) ;;
         *) echo "unknown part $part" >&2; exit 64 ;;

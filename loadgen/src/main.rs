@@ -43,6 +43,10 @@ enum Command {
         /// Longest wait for one answer, in seconds.
         #[arg(long, default_value_t = 60)]
         chat_timeout: u64,
+        /// Spread the sessions' first chats evenly over this many ms
+        /// (0: all start together, a synchronized burst).
+        #[arg(long, default_value_t = 0)]
+        spread_ms: u64,
         /// Also write the JSON report here.
         #[arg(long)]
         out: Option<std::path::PathBuf>,
@@ -118,6 +122,7 @@ fn main() -> anyhow::Result<()> {
                 concurrency,
                 source_ips,
                 chat_timeout,
+                spread_ms,
                 out,
                 no_progress,
             } => {
@@ -129,6 +134,7 @@ fn main() -> anyhow::Result<()> {
                     source_ips,
                     connect_timeout: Duration::from_secs(20),
                     chat_timeout: Duration::from_secs(chat_timeout),
+                    start_spread: Duration::from_millis(spread_ms),
                     run_id: run_id(),
                     progress: !no_progress,
                 })

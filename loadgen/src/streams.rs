@@ -41,6 +41,11 @@ pub struct StreamsConfig {
     pub connect_timeout: Duration,
     /// Longest wait for one answer to end; past it the answer counts as incomplete.
     pub chat_timeout: Duration,
+    /// Window over which the sessions' first chats start: session `i` starts
+    /// `i / sessions` of the way in. Zero: all at once, so every answer's
+    /// chunks are published in the same instants (a synchronized burst);
+    /// one chunk interval: the same load with the phases spread evenly.
+    pub start_spread: Duration,
     /// Makes session ids unique across runs (the backends keep history per session).
     pub run_id: String,
     /// Show a progress bar on stderr.
@@ -53,6 +58,8 @@ pub struct StreamsReport {
     pub url: String,
     pub sessions: usize,
     pub chats_per_session: usize,
+    /// Window the first chats were spread over (0: a synchronized burst).
+    pub start_spread_ms: u64,
     /// Sockets that completed the handshake.
     pub connected: usize,
     pub connect_errors: usize,
@@ -160,6 +167,7 @@ pub async fn run(config: StreamsConfig) -> anyhow::Result<StreamsReport> {
     Ok(StreamsReport {
         url: config.url,
         sessions: config.sessions,
+        start_spread_ms: config.start_spread.as_millis() as u64,
         chats_per_session: config.chats_per_session,
         connected: t.connected,
         connect_errors: t.connect_errors,
@@ -213,6 +221,9 @@ async fn session(
         }
     };
     barrier.wait().await;
+    if !config.start_spread.is_zero() {
+        tokio::time::sleep(config.start_spread.mul_f64(i as f64 / config.sessions as f64)).await;
+    }
     for _ in 0..config.chats_per_session {
         let outcome = chat(&mut ws, config.chat_timeout, shared).await;
         shared.bar.inc(1);
