@@ -98,8 +98,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let stop_serving = CancellationToken::new();
-    let server =
-        axum::serve(listener, api::router(node.clone())).with_graceful_shutdown(stop_serving.clone().cancelled_owned());
+    let server = axum::serve(chat_wire::http::no_delay(listener), api::router(node.clone()))
+        .with_graceful_shutdown(stop_serving.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });
 
     shutdown.await;

@@ -94,3 +94,19 @@ pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
     toml::from_str::<T>(&text).map_err(|e| format!("{}: {}", path.display(), e.to_string().trim_end()))
 }
+
+/// `listener` with `TCP_NODELAY` on every accepted connection, for
+/// `axum::serve`. Without it Nagle's algorithm holds a small write while an
+/// earlier one is unacknowledged: a chat's first chunk, written right after
+/// the `accepted` frame, waited for the client's delayed ACK (about 20 ms).
+pub fn no_delay(
+    listener: tokio::net::TcpListener,
+) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
+    use axum::serve::ListenerExt;
+    fn set(tcp: &mut tokio::net::TcpStream) {
+        if let Err(e) = tcp.set_nodelay(true) {
+            log::debug!("TCP_NODELAY not set on an accepted connection: {e}");
+        }
+    }
+    listener.tap_io(set as fn(&mut tokio::net::TcpStream))
+}
