@@ -110,3 +110,23 @@ pub fn no_delay(
     }
     listener.tap_io(set as fn(&mut tokio::net::TcpStream))
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::serve::Listener;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut listener = super::no_delay(listener);
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, peer) = listener.accept().await;
+        assert_eq!(peer, client.local_addr().unwrap());
+        assert!(accepted.nodelay().unwrap(), "TCP_NODELAY is off on an accepted connection");
+        // A plain listener's connections have it off: the check above can fail.
+        let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(plain.local_addr().unwrap()).await.unwrap();
+        assert!(!plain.accept().await.unwrap().0.nodelay().unwrap());
+    }
+}
