@@ -258,19 +258,22 @@ start_cluster() {
     log "  backends ${WS_BACKENDS[*]}; proxy pid $CLUSTER_PROXY; nginx pid $NGINX_WS"
 }
 
-ws_part() {
-    log "WebSocket streams: sessions ${WS_SESSIONS}, 1 chat each at once, then 2 more in turn"
+# stream_cells PREFIX SPREAD_MS SESSIONS...: loadgen ws through our proxy and
+# nginx, N sessions of 3 chats each, first chats spread over SPREAD_MS (0: all
+# at once); reports go to RAW/PREFIX-FRONT-N.json with the front's CPU.
+stream_cells() {
+    local prefix=$1 spread=$2; shift 2
     local chats=${WS_CHATS:-3}
-    for n in $WS_SESSIONS; do
+    for n in "$@"; do
         for target in proxy nginx; do
             local port=18180 pids=$CLUSTER_PROXY
             [[ $target == nginx ]] && { port=18280; pids=$(nginx_pids "$NGINX_WS"); }
-            local before after out=$RAW/ws-$target-$n.json
+            local before after out=$RAW/$prefix-$target-$n.json err=$WORK/$prefix-$target-$n.err
             # shellcheck disable=SC2086
             before=$(cpu_ticks $pids)
             on_cpu 0 timeout 300 "$BIN/loadgen" ws --url "ws://127.0.0.1:$port/ws/chat" --sessions "$n" \
-                --chats-per-session "$chats" --concurrency 128 --source-ips 64 --chat-timeout 60 \
-                --out "$out" >/dev/null 2>"$WORK/ws-$target-$n.err" || log "  loadgen ws failed: $(tail -3 "$WORK/ws-$target-$n.err")"
+                --chats-per-session "$chats" --concurrency 128 --source-ips 64 --chat-timeout 60 --spread-ms "$spread" \
+                --out "$out" >/dev/null 2>"$err" || log "  loadgen ws failed: $(tail -3 "$err")"
             # shellcheck disable=SC2086
             after=$(cpu_ticks $pids)
             python3 - "$out" $((after - before)) "$CLK_TCK" "$target" <<'PY' || true
@@ -279,13 +282,20 @@ path, ticks, hz, target = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.a
 j = json.load(open(path)); j["front_cpu_s"] = ticks / hz; j["front"] = target
 json.dump(j, open(path, "w"), indent=1)
 p = j["publish_to_client"]; f = j["first_chunk"]
-print(f"  {target:6} N={j['sessions']:<5} complete {j['complete']}/{j['chats']} lost {j['lost_chunks']} "
-      f"errors {j['error_events'] + j['unfinished'] + j['connect_errors']}  first chunk p99 {f['p99_ms']:.1f} ms  "
-      f"publish->client p50 {p['p50_ms']:.2f} p99 {p['p99_ms']:.2f} ms  {j['chunks_per_sec']:.0f} chunks/s", file=sys.stderr)
+print(f"  {target:6} N={j['sessions']:<5} spread {j['start_spread_ms']} ms  complete {j['complete']}/{j['chats']} "
+      f"lost {j['lost_chunks']} errors {j['error_events'] + j['unfinished'] + j['connect_errors']}  "
+      f"first chunk p99 {f['p99_ms']:.1f} ms  publish->client p50 {p['p50_ms']:.2f} p99 {p['p99_ms']:.2f} ms  "
+      f"{j['chunks_per_sec']:.0f} chunks/s", file=sys.stderr)
 PY
             sleep 1
         done
     done
+}
+
+ws_part() {
+    log "WebSocket streams: sessions ${WS_SESSIONS}, 1 chat each at once, then 2 more in turn"
+    # shellcheck disable=SC2086
+    stream_cells ws 0 $WS_SESSIONS
 }
 
 # The same streams with the sessions' first chats spread evenly over one
@@ -294,27 +304,8 @@ PY
 # answer published in the same instant.
 steady_part() {
     log "WebSocket streams, starts spread over 50 ms: sessions ${WS_STEADY_SESSIONS}"
-    local chats=${WS_CHATS:-3}
-    for n in $WS_STEADY_SESSIONS; do
-        for target in proxy nginx; do
-            local port=18180 pids=$CLUSTER_PROXY
-            [[ $target == nginx ]] && { port=18280; pids=$(nginx_pids "$NGINX_WS"); }
-            local out=$RAW/steady-$target-$n.json
-            on_cpu 0 timeout 300 "$BIN/loadgen" ws --url "ws://127.0.0.1:$port/ws/chat" --sessions "$n" \
-                --chats-per-session "$chats" --concurrency 128 --source-ips 64 --chat-timeout 60 --spread-ms 50 \
-                --out "$out" >/dev/null 2>"$WORK/steady-$target-$n.err" || log "  loadgen ws failed: $(tail -3 "$WORK/steady-$target-$n.err")"
-            python3 - "$out" "$target" <<'PY' || true
-import json, sys
-path, target = sys.argv[1], sys.argv[2]
-j = json.load(open(path)); j["front"] = target
-json.dump(j, open(path, "w"), indent=1)
-p = j["publish_to_client"]
-print(f"  {target:6} N={j['sessions']:<5} spread 50 ms: complete {j['complete']}/{j['chats']} lost {j['lost_chunks']} "
-      f"publish->client p50 {p['p50_ms']:.2f} p99 {p['p99_ms']:.2f} ms", file=sys.stderr)
-PY
-            sleep 1
-        done
-    done
+    # shellcheck disable=SC2086
+    stream_cells steady 50 $WS_STEADY_SESSIONS
 }
 
 idle_part() {

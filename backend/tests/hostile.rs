@@ -330,9 +330,9 @@ const SMUGGLED: &str = "GET /api/ai-health HTTP/1.1\r\nHost: hostile.test\r\n\r\
 fn proxy_http_cases(trap_port: u16) -> Vec<HttpCase> {
     let bad = Expect::Json(400);
     let not_found = Expect::Json(404);
-    let mut cases = vec![
+    let mut cases = framing_cases();
+    cases.extend([
         // Malformed request lines.
-        HttpCase::new("garbage bytes", b"\x00\x01\x02garbage\xff\xfe\r\n\r\n".to_vec(), Expect::Refused),
         HttpCase::new(
             "a TLS ClientHello on the plain port",
             b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\x00\x01\x02\x03\x04\x05\x06\x07\r\n\r\n".to_vec(),
@@ -340,7 +340,6 @@ fn proxy_http_cases(trap_port: u16) -> Vec<HttpCase> {
         ),
         HttpCase::new("request line without a version", "GET /api/ai-health\r\nHost: hostile.test\r\n\r\n", Expect::Refused),
         HttpCase::new("HTTP/0.9 request", "GET /\r\n", Expect::Refused),
-        HttpCase::new("HTTP/3.0 version", "GET /api/ai-health HTTP/3.0\r\nHost: hostile.test\r\n\r\n", Expect::Refused),
         HttpCase::new("HTTP/1.7 version", "GET /api/ai-health HTTP/1.7\r\nHost: hostile.test\r\n\r\n", Expect::Refused),
         HttpCase::new("a response sent as a request", "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", Expect::Refused),
         HttpCase::new("space inside the target", "GET /api/ai health HTTP/1.1\r\nHost: hostile.test\r\n\r\n", Expect::Refused),
@@ -400,12 +399,6 @@ fn proxy_http_cases(trap_port: u16) -> Vec<HttpCase> {
         )
         .smuggling(),
         HttpCase::new(
-            "two Content-Length headers with different values",
-            smuggle(&format!("Content-Length: 2\r\nContent-Length: {}\r\n", 2 + SMUGGLED.len()), &format!("{{}}{SMUGGLED}")),
-            Expect::Refused,
-        )
-        .smuggling(),
-        HttpCase::new(
             "one Content-Length listing two values",
             smuggle(&format!("Content-Length: 2, {}\r\n", 2 + SMUGGLED.len()), &format!("{{}}{SMUGGLED}")),
             Expect::Refused,
@@ -419,27 +412,11 @@ fn proxy_http_cases(trap_port: u16) -> Vec<HttpCase> {
         ),
         HttpCase::new("non-numeric Content-Length", smuggle("Content-Length: abc\r\n", "{}"), Expect::Refused),
         HttpCase::new(
-            "chunked body with an invalid chunk size",
-            smuggle("Transfer-Encoding: chunked\r\n", "zz\r\n{}\r\n0\r\n\r\n"),
-            Expect::Refused,
-        ),
-        HttpCase::new(
             "chunked body with a chunk size past u64",
             smuggle("Transfer-Encoding: chunked\r\n", "fffffffffffffffffffffff\r\n{}\r\n0\r\n\r\n"),
             Expect::Refused,
         ),
         // Header floods.
-        HttpCase::new(
-            "5,000 headers",
-            {
-                let mut r = String::from("GET /api/ai-health HTTP/1.1\r\nHost: hostile.test\r\n");
-                for i in 0..5_000 {
-                    let _ = write!(r, "X-Flood-{i}: {i}\r\n");
-                }
-                r + "\r\n"
-            },
-            Expect::Refused,
-        ),
         HttpCase::new(
             "one header of 2 MiB",
             format!("GET /api/ai-health HTTP/1.1\r\nHost: hostile.test\r\nX-Huge: {}\r\n\r\n", "a".repeat(2 << 20)),
@@ -572,7 +549,7 @@ fn proxy_http_cases(trap_port: u16) -> Vec<HttpCase> {
             Expect::AnyOf(&[408]),
         )
         .within(BODY_TIMEOUT + Duration::from_millis(2500)),
-    ];
+    ]);
 
     // Ids with control characters, NUL and Redis glob characters: 400 on
     // REST and on the WebSocket upgrade.
@@ -624,21 +601,11 @@ fn proxy_http_cases(trap_port: u16) -> Vec<HttpCase> {
     cases
 }
 
-/// Framing attacks straight at a backend's own listener: defence in depth
-/// behind the proxy.
-fn backend_http_cases() -> Vec<HttpCase> {
+/// Framing attacks sent both through the proxy and straight at a backend.
+fn framing_cases() -> Vec<HttpCase> {
     vec![
         HttpCase::new("garbage bytes", b"\x00\x01\x02garbage\xff\xfe\r\n\r\n".to_vec(), Expect::Refused),
         HttpCase::new("HTTP/3.0 version", "GET /api/ai-health HTTP/3.0\r\nHost: hostile.test\r\n\r\n", Expect::Refused),
-        HttpCase::new(
-            "smuggling CL.TE",
-            smuggle(
-                &format!("Content-Length: {}\r\nTransfer-Encoding: chunked\r\n", 5 + SMUGGLED.len()),
-                &format!("0\r\n\r\n{SMUGGLED}"),
-            ),
-            Expect::Refused,
-        )
-        .smuggling(),
         HttpCase::new(
             "two Content-Length headers with different values",
             smuggle(
@@ -664,13 +631,31 @@ fn backend_http_cases() -> Vec<HttpCase> {
             },
             Expect::Refused,
         ),
+    ]
+}
+
+/// Framing attacks straight at a backend's own listener: defence in depth
+/// behind the proxy.
+fn backend_http_cases() -> Vec<HttpCase> {
+    let mut cases = framing_cases();
+    cases.extend([
+        HttpCase::new(
+            "smuggling CL.TE",
+            smuggle(
+                &format!("Content-Length: {}\r\nTransfer-Encoding: chunked\r\n", 5 + SMUGGLED.len()),
+                &format!("0\r\n\r\n{SMUGGLED}"),
+            ),
+            Expect::Refused,
+        )
+        .smuggling(),
         HttpCase::new(
             "invalid UTF-8 in the JSON body",
             post("/api/chat", "application/json", b"{\"session_id\": \"s-1\", \"message\": \"\xff\xfe\"}"),
             Expect::Json(400),
         ),
         HttpCase::new("path traversal /../../etc/passwd", get("/../../etc/passwd"), Expect::Json(404)),
-    ]
+    ]);
+    cases
 }
 
 /// One answer read off the wire.
