@@ -110,6 +110,10 @@ pub struct FileServer {
     /// thread, each serving its own connections like an nginx worker (false).
     #[serde(default = "default_work_stealing")]
     pub work_stealing: bool,
+    /// Serve plain-HTTP requests on the proxy's own lean HTTP/1.1 path
+    /// (true), or every request on Pingora's proxy framework (false).
+    #[serde(default = "default_fast_path")]
+    pub fast_path: bool,
     /// Extra attempts on the next backend of the ring after a failed connect.
     #[serde(default = "default_max_retries")]
     pub max_retries: usize,
@@ -274,6 +278,10 @@ fn default_work_stealing() -> bool {
     true
 }
 
+fn default_fast_path() -> bool {
+    true
+}
+
 fn default_threads() -> Spanned<usize> {
     unspanned(2)
 }
@@ -389,6 +397,7 @@ impl Default for FileServer {
         Self {
             threads: default_threads(),
             work_stealing: default_work_stealing(),
+            fast_path: default_fast_path(),
             max_retries: default_max_retries(),
             grace_period: default_grace_period(),
             shutdown_timeout: default_shutdown_timeout(),
@@ -502,6 +511,8 @@ pub struct ServerSettings {
     pub threads: usize,
     /// One shared work-stealing runtime, or one runtime per thread.
     pub work_stealing: bool,
+    /// Plain HTTP/1.1 on the lean path (see [`crate::h1`]).
+    pub fast_path: bool,
     /// Bound on retries after a failed connect.
     pub max_retries: usize,
     /// Time listeners keep serving after SIGTERM.
@@ -730,6 +741,7 @@ impl<'a> Checker<'a> {
                 *raw.server.threads.get_ref()
             },
             work_stealing: raw.server.work_stealing,
+            fast_path: raw.server.fast_path,
             max_retries: raw.server.max_retries,
             grace_period: self.duration("server.grace_period", &raw.server.grace_period),
             shutdown_timeout: self.duration("server.shutdown_timeout", &raw.server.shutdown_timeout),

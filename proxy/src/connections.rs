@@ -1,5 +1,7 @@
-//! Client connections in front of Pingora's HTTP proxy: the connection
-//! limit, the nginx `stub_status` connection counts, keepalive, and the
+//! Client connections: the connection limit and the nginx `stub_status`
+//! connection counts, then the lean HTTP/1.1 path ([`crate::h1`]) for plain
+//! connections, or Pingora's HTTP proxy for TLS and for whatever the lean
+//! path hands over. In front of Pingora's proxy: keepalive, and the
 //! whole-header deadline that cuts slowloris clients (Pingora's own read
 //! timeout restarts on every byte, so a trickling client would never time out).
 
@@ -9,10 +11,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use pingora_core::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
+use bytes::BytesMut;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 
+use crate::h1::{Lean, Served};
 use crate::State;
 
 /// Marks that a request's header has been read, so the deadline no longer
@@ -46,14 +50,17 @@ pub struct Reused;
 
 /// The per-connection layer: limit and counts, then the HTTP layer.
 pub struct Connections<A> {
-    /// The per-request layer.
+    /// The lean path, unless `server.fast_path` is off.
+    lean: Option<Lean>,
+    /// The per-request layer in front of Pingora's proxy.
     requests: Arc<Requests<A>>,
 }
 
 impl<A> Connections<A> {
     /// Wraps `proxy` (Pingora's `HttpProxy`).
     pub fn new(proxy: A, state: Arc<State>) -> Self {
-        Self { requests: Arc::new(Requests { proxy: Arc::new(proxy), state }) }
+        let lean = state.config.server.fast_path.then(|| Lean::new(state.clone()));
+        Self { lean, requests: Arc::new(Requests { proxy: Arc::new(proxy), state }) }
     }
 }
 
@@ -86,7 +93,13 @@ where
             return None;
         }
         state.stats.handled.fetch_add(1, Ordering::Relaxed);
-        let out = self.requests.process_new(stream, shutdown).await;
+        let out = match &self.lean {
+            Some(lean) if stream.get_ssl_digest().is_none() => match lean.serve(stream, shutdown).await {
+                Served::Done => None,
+                Served::Elsewhere(stream, prefix) => self.requests.serve_http1(stream, prefix, shutdown).await,
+            },
+            _ => self.requests.process_new(stream, shutdown).await,
+        };
         drop(guard);
         out
     }
@@ -102,6 +115,29 @@ pub struct Requests<A> {
     proxy: Arc<A>,
     /// Shared state (config, counters).
     state: Arc<State>,
+}
+
+impl<A> Requests<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    /// Serves an HTTP/1 connection whose first bytes were already read
+    /// (`prefix`), request after request, like Pingora's own loop.
+    async fn serve_http1(self: &Arc<Self>, stream: Stream, prefix: BytesMut, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let mut session = ServerSession::new_http1(stream);
+        if !prefix.is_empty() {
+            session.set_pipelined_prefix(prefix);
+        }
+        let mut result = self.process_new_http(session, shutdown).await;
+        while let Some((stream, settings)) = result.map(ReusedHttpStream::consume) {
+            let mut session = ServerSession::new_http1(stream);
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
+            result = self.process_new_http(session, shutdown).await;
+        }
+        None
+    }
 }
 
 #[async_trait]

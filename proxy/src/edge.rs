@@ -93,8 +93,7 @@ fn thread_key() -> u64 {
 
 /// Whether a client-supplied request id is safe to pass on.
 fn acceptable_request_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    crate::h1::acceptable_request_id(id.as_bytes())
 }
 
 /// Writes a JSON error answer (`{"error": {"code", "message"}}`).
@@ -117,19 +116,8 @@ impl Edge {
     }
 
     fn record_upstream_failure(&self, ctx: &RequestCtx, addr: SocketAddr) {
-        let Some(group) = &ctx.group else { return };
-        let config = group.config();
-        if let Some(state) = group.state(&addr) {
-            if state.observe_failure(Instant::now(), config.max_fails, config.fail_timeout) {
-                log::warn!(
-                    "upstream {}: backend {addr} out for {:?} after {} failures",
-                    config.name,
-                    config.fail_timeout,
-                    config.max_fails
-                );
-                self.state.metrics.passive_ejections.with_label_values(&[&config.name]).inc();
-                self.state.metrics.upstream_up.with_label_values(&[&config.name, &addr.to_string()]).set(0);
-            }
+        if let Some(group) = &ctx.group {
+            self.state.record_upstream_failure(group, addr);
         }
     }
 }

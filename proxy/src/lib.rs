@@ -10,6 +10,7 @@
 pub mod config;
 pub mod connections;
 pub mod edge;
+pub mod h1;
 pub mod health;
 pub mod limits;
 pub mod metrics;
@@ -81,6 +82,26 @@ impl State {
     }
 }
 
+impl State {
+    /// Records a failure of live traffic at `addr` (passive health check):
+    /// after `max_fails` within `fail_timeout` the backend is out for `fail_timeout`.
+    pub fn record_upstream_failure(&self, group: &upstreams::UpstreamGroup, addr: std::net::SocketAddr) {
+        let config = group.config();
+        if let Some(state) = group.state(&addr) {
+            if state.observe_failure(std::time::Instant::now(), config.max_fails, config.fail_timeout) {
+                log::warn!(
+                    "upstream {}: backend {addr} out for {:?} after {} failures",
+                    config.name,
+                    config.fail_timeout,
+                    config.max_fails
+                );
+                self.metrics.passive_ejections.with_label_values(&[&config.name]).inc();
+                self.metrics.upstream_up.with_label_values(&[&config.name, &addr.to_string()]).set(0);
+            }
+        }
+    }
+}
+
 /// How the process was started, beyond the configuration itself.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -140,7 +161,10 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), ProxyError> {
     let proxy = pingora_proxy::http_proxy(&server.configuration, Edge::new(state.clone()));
     let mut public = Service::new("proxy".to_string(), Connections::new(proxy, state.clone()));
     let buffers = L4BufferSettings::new(config.client.read_buffer, config.client.write_buffer);
-    public.add_listener(ListenerConfig::tcp(config.listen.public.to_string()).l4_buffer(buffers));
+    // The lean path reads into and writes from buffers of its own (sized
+    // from the same settings); the socket's own would only copy twice.
+    let plain_buffers = if config.server.fast_path { L4BufferSettings::unbuffered() } else { buffers };
+    public.add_listener(ListenerConfig::tcp(config.listen.public.to_string()).l4_buffer(plain_buffers));
     if let Some(tls) = &config.listen.tls {
         let addr = tls.addr.to_string();
         let settings = TlsSettings::intermediate(&tls.cert.to_string_lossy(), &tls.key.to_string_lossy())

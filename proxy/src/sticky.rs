@@ -8,6 +8,24 @@ use std::str::FromStr;
 
 use http::HeaderMap;
 
+/// Read access to a request's headers, so the same rules serve Pingora's
+/// parsed `HeaderMap` and the lean path's raw header slices ([`crate::h1`]).
+pub trait Headers {
+    /// Every value of header `name` (lowercase), in order.
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a;
+
+    /// The first value of header `name` (lowercase).
+    fn first<'a>(&'a self, name: &'a str) -> Option<&'a [u8]> {
+        self.values(name).next()
+    }
+}
+
+impl Headers for HeaderMap {
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.get_all(name).iter().map(|v| v.as_bytes())
+    }
+}
+
 /// What a request is hashed by to choose its backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StickyKey {
@@ -44,7 +62,7 @@ impl FromStr for StickyKey {
 
 impl StickyKey {
     /// The bytes hashed onto the ring for this request.
-    pub fn hash_input(&self, client: IpAddr, headers: &HeaderMap) -> Vec<u8> {
+    pub fn hash_input(&self, client: IpAddr, headers: &impl Headers) -> Vec<u8> {
         match self {
             Self::Ip => client.to_string().into_bytes(),
             Self::Ip24 => match client {
@@ -54,8 +72,8 @@ impl StickyKey {
                 }
                 IpAddr::V6(v6) => v6.to_string().into_bytes(),
             },
-            Self::Header(name) => match headers.get(name.as_str()) {
-                Some(v) if !v.is_empty() => v.as_bytes().to_vec(),
+            Self::Header(name) => match headers.first(name.as_str()) {
+                Some(v) if !v.is_empty() => v.to_vec(),
                 _ => client.to_string().into_bytes(),
             },
             Self::Cookie(name) => {
@@ -66,11 +84,10 @@ impl StickyKey {
 }
 
 /// The value of cookie `name`, if the request has it.
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn cookie<'a>(headers: &'a impl Headers, name: &'a str) -> Option<&'a str> {
     headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+        .values("cookie")
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(k, _)| *k == name)
@@ -135,15 +152,14 @@ impl Cidr {
 
 /// The client's IP: the peer's, unless the peer is a trusted proxy, in which
 /// case the right-most untrusted `X-Forwarded-For` entry (or `X-Real-IP`).
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr {
+pub fn client_ip(peer: IpAddr, headers: &impl Headers, trusted: &[Cidr]) -> IpAddr {
     let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
     if !is_trusted(peer) {
         return peer;
     }
     let forwarded: Vec<IpAddr> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+        .values("x-forwarded-for")
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split(','))
         .filter_map(|s| s.trim().parse().ok())
         .collect();
@@ -152,7 +168,11 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr 
         // cannot vouch for: everything left of it could be forged.
         return forwarded.iter().rev().copied().find(|ip| !is_trusted(*ip)).unwrap_or(*first);
     }
-    headers.get("x-real-ip").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok()).unwrap_or(peer)
+    headers
+        .first("x-real-ip")
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(peer)
 }
 
 /// Whether the peer may speak for the client in forwarding headers.

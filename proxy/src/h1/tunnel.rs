@@ -1,0 +1,55 @@
+//! A WebSocket after the backend's `101`: bytes both ways until either side
+//! closes or nothing moves for the WebSocket idle time. Each direction has a
+//! small buffer (frames of a chat are small); an idle tunnel holds little
+//! more than its two sockets.
+
+use std::time::Duration;
+
+use pingora_core::protocols::Stream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Bytes read at once in each direction.
+const BUFFER: usize = 4096;
+
+/// Runs the tunnel to its end.
+pub async fn run(mut client: Stream, mut upstream: TcpStream, idle: Duration) {
+    let mut from_client = vec![0u8; BUFFER];
+    let mut from_upstream = vec![0u8; BUFFER];
+    let (mut up_read, mut up_write) = upstream.split();
+    let sleep = tokio::time::sleep(idle);
+    tokio::pin!(sleep);
+    let mut client_open = true;
+    loop {
+        tokio::select! {
+            read = client.read(&mut from_client), if client_open => match read {
+                Ok(0) | Err(_) => {
+                    // The client is done sending: pass the half-close on and
+                    // let the backend finish.
+                    client_open = false;
+                    let _ = up_write.shutdown().await;
+                }
+                Ok(n) => {
+                    if up_write.write_all(&from_client[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            },
+            read = up_read.read(&mut from_upstream) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if client.write_all(&from_upstream[..n]).await.is_err() || client.flush().await.is_err() {
+                        break;
+                    }
+                }
+            },
+            _ = &mut sleep => {
+                log::debug!("websocket idle for {idle:?}, closing");
+                break;
+            }
+        }
+        sleep.as_mut().reset(Instant::now() + idle);
+    }
+    let _ = client.shutdown().await;
+}
