@@ -539,7 +539,7 @@ mod tests {
         let Parsed::Request(r) = parse("POST /echo?a=1 HTTP/1.1\r\nHost: x:1\r\nContent-Length: 4\r\n\r\nbody") else {
             panic!("not served")
         };
-        assert_eq!((r.method, r.body, r.close, r.websocket, r.len), (Method::Post, 4, false, false, 55));
+        assert_eq!((r.method, r.body, r.close, r.websocket, r.len), (Method::Post, 4, false, false, 57));
         assert!(matches!(parse("GET / HTTP/1.1\r\nHost: x\r\n"), Parsed::Partial));
         for elsewhere in [
             "GET / HTTP/1.0\r\n\r\n",
