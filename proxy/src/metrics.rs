@@ -65,6 +65,8 @@ pub struct Metrics {
     pub connections_active: IntGauge,
     /// Client connections accepted.
     pub connections_accepted: IntCounter,
+    /// Resolved request metrics by group (see [`Metrics::group`]).
+    groups: std::sync::RwLock<std::collections::HashMap<String, std::sync::Arc<GroupMetrics>>>,
 }
 
 impl Metrics {
@@ -132,6 +134,7 @@ impl Metrics {
             reloads,
             connections_active,
             connections_accepted,
+            groups: Default::default(),
         }
     }
 
@@ -142,6 +145,60 @@ impl Metrics {
             log::error!("metrics encoding failed: {e}");
         }
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// One upstream group's request metrics, resolved once: the lean path keeps
+/// it per connection, so a request costs no label lookup.
+pub struct GroupMetrics {
+    /// The group's duration histogram.
+    latency: prometheus::Histogram,
+    /// Request counters by status, resolved on first use.
+    by_status: Box<[std::sync::OnceLock<IntCounter>]>,
+    /// The group's name.
+    name: String,
+}
+
+impl GroupMetrics {
+    /// Counts a request answered with `status` that took `secs`.
+    pub fn observe(&self, metrics: &Metrics, status: u16, secs: f64) {
+        self.latency.observe(secs);
+        match self.by_status.get(usize::from(status)) {
+            Some(slot) => slot
+                .get_or_init(|| metrics.requests.with_label_values(&[self.name.as_str(), status_label(status).as_str()]))
+                .inc(),
+            None => metrics.requests.with_label_values(&[self.name.as_str(), "0"]).inc(),
+        }
+    }
+
+    /// The group these are for.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// A status as its label ("0" for none or an invalid one).
+fn status_label(status: u16) -> String {
+    http::StatusCode::from_u16(status).map_or_else(|_| "0".to_string(), |c| c.as_str().to_string())
+}
+
+impl Metrics {
+    /// The request metrics of group `name` (made on first use, then shared).
+    pub fn group(&self, name: &str) -> std::sync::Arc<GroupMetrics> {
+        if let Some(m) = self.groups.read().unwrap_or_else(|p| p.into_inner()).get(name) {
+            return m.clone();
+        }
+        let mut groups = self.groups.write().unwrap_or_else(|p| p.into_inner());
+        groups
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                std::sync::Arc::new(GroupMetrics {
+                    latency: self.latency.with_label_values(&[name]),
+                    by_status: (0..600).map(|_| std::sync::OnceLock::new()).collect(),
+                    name: name.to_string(),
+                })
+            })
+            .clone()
     }
 }
 

@@ -281,15 +281,31 @@ impl UpstreamGroup {
     /// The first available backend on the ring from `key`, skipping `tried`
     /// (retries walk on to the next backend of the ring).
     pub fn select(&self, key: &[u8], tried: &[SocketAddr]) -> Option<SocketAddr> {
+        self.select_inner(key, tried, false)
+    }
+
+    /// [`Self::select`], counting the request against the chosen backend (for `/upstreams`).
+    pub fn select_counted(&self, key: &[u8], tried: &[SocketAddr]) -> Option<SocketAddr> {
+        self.select_inner(key, tried, true)
+    }
+
+    fn select_inner(&self, key: &[u8], tried: &[SocketAddr], count: bool) -> Option<SocketAddr> {
         let now = Instant::now();
         let states = self.states.read().unwrap_or_else(|p| p.into_inner());
-        self.lb
+        let addr = self
+            .lb
             .select_with(key, MAX_RING_STEPS, |b, _| {
                 b.addr
                     .as_inet()
                     .is_some_and(|addr| !tried.contains(addr) && states.get(addr).is_some_and(|s| s.available(now)))
             })
-            .and_then(|b| b.addr.as_inet().copied())
+            .and_then(|b| b.addr.as_inet().copied())?;
+        if count {
+            if let Some(state) = states.get(&addr) {
+                state.requests.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Some(addr)
     }
 
     /// Status view.

@@ -83,6 +83,12 @@ struct Conn {
     out: Vec<u8>,
     /// The TCP peer.
     peer: IpAddr,
+    /// The peer as text, for the forwarding headers and the sticky key.
+    peer_text: String,
+    /// Scratch for `X-Forwarded-For`.
+    forwarded_for: String,
+    /// The request metrics of the group last routed to.
+    metrics: Option<Arc<crate::metrics::GroupMetrics>>,
     /// Parsed header ranges, reused from request to request.
     fields: Vec<Field>,
     /// The process is shutting down: answer with `Connection: close`.
@@ -168,6 +174,9 @@ impl Lean {
             up: BytesMut::new(),
             out: Vec::new(),
             peer,
+            peer_text: peer.to_string(),
+            forwarded_for: String::new(),
+            metrics: None,
             fields: Vec::new(),
             draining: *shutdown.borrow(),
         };
@@ -296,15 +305,19 @@ impl Lean {
             }
             ex.status = status;
             let next = self.answer(conn, &mut ex, status, code, message, close).await;
-            self.finish(&ex, None);
+            self.finish(conn, &ex);
             return next;
         }
         let group = ex.group.clone().expect("routed above");
-        let key = config.sticky.hash_input(ex.client, &headers);
+        let key = match &config.sticky {
+            sticky::StickyKey::Ip if ex.client == conn.peer => conn.peer_text.as_bytes().to_vec(),
+            rule => rule.hash_input(ex.client, &headers),
+        };
 
         // The backend's head: the client's end-to-end headers and ours.
         let trusted = sticky::is_trusted(conn.peer, &config.client.trusted_proxies);
-        let mut forwarded_for = String::new();
+        let mut forwarded_for = std::mem::take(&mut conn.forwarded_for);
+        forwarded_for.clear();
         if trusted {
             if let Some(chain) = headers.first("x-forwarded-for").and_then(|v| std::str::from_utf8(v).ok()) {
                 if !chain.trim().is_empty() {
@@ -313,8 +326,7 @@ impl Lean {
                 }
             }
         }
-        let peer_text = conn.peer.to_string();
-        forwarded_for.push_str(&peer_text);
+        forwarded_for.push_str(&conn.peer_text);
         let client_text = if ex.client == conn.peer { None } else { Some(ex.client.to_string()) };
         let proto: &[u8] = match headers.first("x-forwarded-proto") {
             Some(p) if trusted && (p == b"http" || p == b"https") => p,
@@ -327,7 +339,7 @@ impl Lean {
             &req,
             &Forwarding {
                 forwarded_for: forwarded_for.as_bytes(),
-                real_ip: client_text.as_deref().unwrap_or(&peer_text).as_bytes(),
+                real_ip: client_text.as_deref().unwrap_or(&conn.peer_text).as_bytes(),
                 proto,
                 request_id: ex.request_id.as_bytes(),
             },
@@ -337,6 +349,7 @@ impl Lean {
         conn.buf.advance(req.len + in_buf);
         let body_left = req.body - in_buf as u64;
         conn.fields = std::mem::take(&mut req.fields);
+        conn.forwarded_for = forwarded_for;
 
         let result = self.forward(conn, &req, &mut ex, &group, &key, body_left, closing).await;
         let next = match result {
@@ -353,7 +366,7 @@ impl Lean {
             }
             Err(Failure::UpstreamMidway) => Next::Close,
         };
-        self.finish(&ex, Some(&group));
+        self.finish(conn, &ex);
         next
     }
 
@@ -374,7 +387,7 @@ impl Lean {
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut fresh_only = false;
         loop {
-            let Some(addr) = group.select(key, &tried) else {
+            let Some(addr) = group.select_counted(key, &tried) else {
                 return Err(Failure::Upstream { status: 503, code: "no_backend", message: "no backend available" });
             };
             if !tried.is_empty() && !fresh_only {
@@ -382,9 +395,6 @@ impl Lean {
             }
             tried.push(addr);
             ex.upstream = Some(addr);
-            if let Some(s) = group.state(&addr) {
-                s.requests.fetch_add(1, Ordering::Relaxed);
-            }
 
             // A pooled connection, unless the last one turned out closed.
             let pooled = if fresh_only { None } else { self.pool.take(addr) };
@@ -594,13 +604,16 @@ impl Lean {
     }
 
     /// Metrics and the access line of a finished request.
-    fn finish(&self, ex: &Exchange, group: Option<&Arc<UpstreamGroup>>) {
+    fn finish(&self, conn: &mut Conn, ex: &Exchange) {
         let metrics = &self.state.metrics;
-        let name = group.map_or("-", |g| g.name());
+        let name = ex.group.as_ref().map_or("-", |g| g.name());
         let elapsed = ex.start.elapsed();
-        let code = http::StatusCode::from_u16(ex.status).ok();
-        metrics.requests.with_label_values(&[name, code.as_ref().map_or("0", |c| c.as_str())]).inc();
-        metrics.latency.with_label_values(&[name]).observe(elapsed.as_secs_f64());
+        if conn.metrics.as_ref().is_none_or(|m| m.name() != name) {
+            conn.metrics = Some(metrics.group(name));
+        }
+        if let Some(m) = &conn.metrics {
+            m.observe(metrics, ex.status, elapsed.as_secs_f64());
+        }
         if log::log_enabled!(target: "access", log::Level::Info) {
             log::info!(
                 target: "access",
