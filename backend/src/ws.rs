@@ -100,7 +100,7 @@ pub async fn upgrade(
 /// Read buffer of each socket. tungstenite's default (128 KiB) is zero-filled
 /// on the first read, so every idle socket kept 128 KiB resident; client
 /// frames are small (a chat message), and a larger one still grows the buffer.
-const WS_READ_BUFFER: usize = 8 * 1024;
+const WS_READ_BUFFER: usize = 2 * 1024;
 
 /// Counts the socket in `ws_active` while it lives.
 struct Active(Arc<App>);
@@ -132,7 +132,13 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr)
             frame = rx.next() => {
                 last_heard = Instant::now();
                 match frame {
-                    None | Some(Ok(Message::Close(_))) => break None,
+                    None => break None,
+                    Some(Ok(Message::Close(frame))) => {
+                        // RFC 6455 §5.5.1: answer the client's close with its
+                        // own code, so it sees a clean close, not a reset.
+                        let _ = tokio::time::timeout(app.config.ws_send_timeout, tx.send(Message::Close(frame))).await;
+                        break None;
+                    }
                     Some(Err(e)) => {
                         if e.to_string().contains("Space limit exceeded") {
                             break Some((close::TOO_BIG, "frame too large"));

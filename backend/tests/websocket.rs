@@ -118,3 +118,27 @@ async fn two_sockets_on_one_session_both_receive_the_whole_stream() {
     assert_eq!(assert_complete(&asked, 1), assert_complete(&watched, 1), "both sockets see the same answer");
     assert_eq!(asked.len() as u64, Pace::QUICK.events());
 }
+
+#[tokio::test]
+async fn a_clients_close_is_answered_with_its_own_code_directly_and_through_the_proxy() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let redis = redis_url();
+    let node = AiNode::start(&redis, Pace::QUICK).await;
+    let backend = Backend::start(&redis, &[&node]).await;
+    backend.wait_healthy_nodes(1).await;
+    let proxy = EdgeProxy::start(&[&backend]).await;
+    for url in [backend.ws_url(&unique("close")), proxy.ws_url(&unique("close"))] {
+        let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("upgrade");
+        let frame = CloseFrame { code: CloseCode::Normal, reason: "bye".into() };
+        socket.send(Message::Close(Some(frame))).await.expect("close sent");
+        let answer = tokio::time::timeout(Duration::from_secs(5), socket.next()).await.expect("an answer in time");
+        match answer {
+            Some(Ok(Message::Close(Some(f)))) => assert_eq!(f.code, CloseCode::Normal, "{url}"),
+            other => panic!("{url}: expected the close echoed, got {other:?}"),
+        }
+    }
+}

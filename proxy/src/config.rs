@@ -92,7 +92,7 @@ pub struct FileConfig {
     #[serde(default)]
     pub websocket: FileWebsocket,
     /// Upstream groups by name.
-    #[serde(default = "default_upstreams")]
+    #[serde(default)]
     pub upstreams: BTreeMap<String, FileUpstream>,
     /// Path-prefix routes; longest prefix wins.
     #[serde(default = "default_routes")]
@@ -808,7 +808,9 @@ impl<'a> Checker<'a> {
                 origin: self.file.to_string(),
                 line: None,
                 key: "upstreams".into(),
-                reason: "at least one upstream group is required".into(),
+                reason: "no upstream servers: the file defines no [upstreams] group (is it empty or cut off?) \
+                         and neither PROXY_BACKENDS nor --backends names any"
+                    .into(),
             });
         }
 

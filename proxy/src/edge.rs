@@ -217,6 +217,14 @@ impl ProxyHttp for Edge {
         };
         ctx.group = Some(group.clone());
         ctx.key = config.sticky.hash_input(client, &session.req_header().headers);
+        if session.is_upgrade_req() {
+            let req = session.req_header();
+            if !crate::h1::head::is_websocket_upgrade(req.method == http::Method::GET, &req.headers) {
+                // Not a real upgrade: served as a plain request, under the
+                // body limit and deadlines of one (Pingora would tunnel it).
+                session.req_header_mut().remove_header("upgrade");
+            }
+        }
         ctx.upgrade = session.is_upgrade_req();
         // Pingora's downstream read timeout also cuts upgraded connections
         // (pingora#255): a WebSocket gets the WebSocket idle time instead.

@@ -37,10 +37,6 @@ pub enum Kind {
     Forwarded,
     /// Other hop-by-hop headers (`Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`).
     Hop,
-    /// `Sec-WebSocket-Key`.
-    WsKey,
-    /// `Sec-WebSocket-Version`.
-    WsVersion,
 }
 
 impl Kind {
@@ -61,8 +57,6 @@ impl Kind {
             16 if is("proxy-connection") => Kind::Hop,
             17 if is("transfer-encoding") => Kind::TransferEncoding,
             17 if is("x-forwarded-proto") => Kind::Forwarded,
-            17 if is("sec-websocket-key") => Kind::WsKey,
-            21 if is("sec-websocket-version") => Kind::WsVersion,
             _ => Kind::Other,
         }
     }
@@ -191,8 +185,7 @@ pub fn parse_request(buf: &[u8], fields: Vec<Field>) -> Parsed {
         upgrade_refused: false,
     };
     out.fields.clear();
-    let (mut hosts, mut lengths, mut upgrade_token, mut ws_key, mut ws_version) = (0, 0, false, false, false);
-    let mut connection_upgrade = false;
+    let (mut hosts, mut lengths) = (0, 0);
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let kind = Kind::of(name);
@@ -213,20 +206,18 @@ pub fn parse_request(buf: &[u8], fields: Vec<Field>) -> Parsed {
             }
             Kind::TransferEncoding | Kind::Expect => return Parsed::Elsewhere,
             Kind::Connection => {
-                for token in value.split(|b| *b == b',').map(trim) {
+                for token in tokens(value) {
                     if token.eq_ignore_ascii_case(b"close") {
                         out.close = true;
-                    } else if token.eq_ignore_ascii_case(b"upgrade") {
-                        connection_upgrade = true;
-                    } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
+                    } else if !token.eq_ignore_ascii_case(b"keep-alive")
+                        && !token.eq_ignore_ascii_case(b"upgrade")
+                        && !token.is_empty()
+                    {
                         // A header named as hop-by-hop would have to be removed too.
                         return Parsed::Elsewhere;
                     }
                 }
             }
-            Kind::Upgrade => upgrade_token |= value.split(|b| *b == b',').map(trim).any(|t| t.eq_ignore_ascii_case(b"websocket")),
-            Kind::WsKey => ws_key = valid_ws_key(value),
-            Kind::WsVersion => ws_version = trim(value) == b"13",
             _ => {}
         }
         out.fields.push(Field { name: offset(name)..offset(name) + name.len(), value: offset(value)..offset(value) + value.len(), kind });
@@ -234,11 +225,30 @@ pub fn parse_request(buf: &[u8], fields: Vec<Field>) -> Parsed {
     if hosts != 1 || lengths > 1 {
         return Parsed::Elsewhere;
     }
-    let has_upgrade = out.fields.iter().any(|f| f.kind == Kind::Upgrade);
-    out.websocket =
-        method == Method::Get && connection_upgrade && upgrade_token && ws_key && ws_version && out.body == 0 && !out.close;
-    out.upgrade_refused = has_upgrade && !out.websocket;
+    if out.fields.iter().any(|f| f.kind == Kind::Upgrade) {
+        out.websocket = !out.close && is_websocket_upgrade(method == Method::Get, &RawHeaders { buf, fields: &out.fields });
+        out.upgrade_refused = !out.websocket;
+    }
     Parsed::Request(out)
+}
+
+/// Whether a request really is a WebSocket upgrade (RFC 6455 §4.2.1): a
+/// GET with `Connection: upgrade`, `Upgrade: websocket`, version 13, a
+/// valid key, and no body. Anything else carrying `Upgrade` is served as a
+/// plain request, with the body limit and deadlines of one.
+pub fn is_websocket_upgrade(get: bool, headers: &impl Headers) -> bool {
+    let has_token = |name, token: &[u8]| headers.values(name).flat_map(tokens).any(|t| t.eq_ignore_ascii_case(token));
+    get && has_token("connection", b"upgrade")
+        && has_token("upgrade", b"websocket")
+        && headers.first("sec-websocket-version").is_some_and(|v| trim(v) == b"13")
+        && headers.first("sec-websocket-key").is_some_and(valid_ws_key)
+        && headers.first("transfer-encoding").is_none()
+        && headers.values("content-length").all(|v| trim(v) == b"0")
+}
+
+/// The comma-separated tokens of a header value, trimmed.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|b| *b == b',').map(trim)
 }
 
 /// RFC 9110 §7.2: the Host value is an authority (an empty one is allowed).
@@ -310,7 +320,7 @@ pub fn write_upstream_request(out: &mut Vec<u8>, buf: &[u8], req: &Request, fwd:
     for f in &req.fields {
         let keep = match f.kind {
             Kind::Connection | Kind::Hop | Kind::Forwarded | Kind::RequestId => false,
-            Kind::Upgrade | Kind::WsKey | Kind::WsVersion => req.websocket || f.kind != Kind::Upgrade,
+            Kind::Upgrade => req.websocket,
             _ => true,
         };
         if keep {
@@ -401,10 +411,10 @@ pub fn parse_response(
                 _ => return ParsedResponse::Invalid,
             },
             Kind::TransferEncoding => {
-                chunked = h.value.split(|b| *b == b',').map(trim).next_back().is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
+                chunked = tokens(h.value).next_back().is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
             }
             Kind::Connection => {
-                for token in h.value.split(|b| *b == b',').map(trim) {
+                for token in tokens(h.value) {
                     if token.eq_ignore_ascii_case(b"close") {
                         close = true;
                     } else if token.eq_ignore_ascii_case(b"keep-alive") {
