@@ -955,9 +955,23 @@ mod tests {
         }
     }
 
+    /// The least a file must say: where to send requests.
+    const SERVERS: &str = "[upstreams.backends]\nservers = [\"127.0.0.1:3000\"]\n";
+
     #[test]
-    fn empty_file_gives_defaults() {
-        let c = parse("t.toml", "", &Overrides::default()).unwrap();
+    fn an_empty_or_cut_off_file_is_an_error() {
+        for text in ["", "\n# nothing\n", "[server]\nthreads = 2\n", "[upstreams.backends]\nservers = [\"127.0.0.1:30"] {
+            assert!(parse("t.toml", text, &Overrides::default()).is_err(), "{text:?}");
+        }
+        assert_eq!(problems("")[0].key, "upstreams");
+        // The servers may come from the environment or a flag instead.
+        let overrides = Overrides { backends: Some(("127.0.0.1:3000".into(), "flag --backends".into())), ..Default::default() };
+        assert!(parse("t.toml", "", &overrides).is_ok());
+    }
+
+    #[test]
+    fn a_file_naming_only_its_servers_gets_defaults() {
+        let c = parse("t.toml", SERVERS, &Overrides::default()).unwrap();
         assert_eq!(c.listen.public, "0.0.0.0:8080".parse().unwrap());
         assert_eq!(c.listen.status, "127.0.0.1:8090".parse().unwrap());
         assert_eq!(c.route("/api/chat"), Some("backends"));
@@ -987,16 +1001,18 @@ mod tests {
 
     #[test]
     fn runtime_and_buffer_settings_are_read_and_bounded() {
-        let c = parse("t.toml", "", &Overrides::default()).unwrap();
-        assert!(c.server.work_stealing);
+        let c = parse("t.toml", SERVERS, &Overrides::default()).unwrap();
+        assert!(c.server.work_stealing && c.server.fast_path);
         assert_eq!((c.client.read_buffer, c.client.write_buffer), (65536, 16384));
 
-        let text = "[server]\nwork_stealing = false\n[client]\nread_buffer = 0\nwrite_buffer = 1024\n";
-        let c = parse("t.toml", text, &Overrides::default()).unwrap();
-        assert!(!c.server.work_stealing);
+        let text = format!(
+            "[server]\nwork_stealing = false\nfast_path = false\n[client]\nread_buffer = 0\nwrite_buffer = 1024\n{SERVERS}"
+        );
+        let c = parse("t.toml", &text, &Overrides::default()).unwrap();
+        assert!(!c.server.work_stealing && !c.server.fast_path);
         assert_eq!((c.client.read_buffer, c.client.write_buffer), (0, 1024));
 
-        let p = problems("[client]\nread_buffer = 1048577\nwrite_buffer = 99999999999\n");
+        let p = problems(&format!("[client]\nread_buffer = 1048577\nwrite_buffer = 99999999999\n{SERVERS}"));
         let keys: Vec<_> = p.iter().map(|p| (p.key.as_str(), p.line)).collect();
         assert_eq!(keys, [("client.read_buffer", Some(2)), ("client.write_buffer", Some(3))], "{p:?}");
     }
@@ -1011,9 +1027,9 @@ mod tests {
 
     #[test]
     fn route_to_unknown_group_is_rejected() {
-        let p = problems("[[routes]]\nprefix = \"/x/\"\nupstream = \"nobody\"\n");
+        let p = problems(&format!("{SERVERS}[[routes]]\nprefix = \"/x/\"\nupstream = \"nobody\"\n"));
         assert_eq!(p[0].key, "routes[0].upstream");
-        assert_eq!(p[0].line, Some(3));
+        assert_eq!(p[0].line, Some(5));
     }
 
     #[test]
@@ -1051,7 +1067,8 @@ mod tests {
     #[test]
     fn unrouted_path_has_no_group() {
         let c =
-            parse("t.toml", "[[routes]]\nprefix=\"/api/\"\nupstream=\"backends\"\n", &Overrides::default()).unwrap();
+            parse("t.toml", &format!("{SERVERS}[[routes]]\nprefix=\"/api/\"\nupstream=\"backends\"\n"), &Overrides::default())
+                .unwrap();
         assert_eq!(c.route("/elsewhere"), None);
     }
 

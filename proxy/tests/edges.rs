@@ -24,10 +24,10 @@ fn answers(raw: &[u8]) -> (Vec<String>, Vec<u16>) {
         .filter(|(k, _)| k.eq_ignore_ascii_case("x-request-id"))
         .map(|(_, v)| v.trim().to_string())
         .collect();
+    // A body without a final newline runs into the next status line.
     let statuses = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("HTTP/1.1 "))
-        .filter_map(|l| l.get(..3).and_then(|s| s.parse().ok()))
+        .match_indices("HTTP/1.1 ")
+        .filter_map(|(at, _)| text.get(at + 9..at + 12).and_then(|s| s.parse().ok()))
         .collect();
     (ids, statuses)
 }

@@ -247,7 +247,7 @@ pub fn is_websocket_upgrade(get: bool, headers: &impl Headers) -> bool {
 }
 
 /// The comma-separated tokens of a header value, trimmed.
-fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+fn tokens(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
     value.split(|b| *b == b',').map(trim)
 }
 
