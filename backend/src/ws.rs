@@ -133,10 +133,11 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr)
                 last_heard = Instant::now();
                 match frame {
                     None => break None,
-                    Some(Ok(Message::Close(frame))) => {
-                        // RFC 6455 §5.5.1: answer the client's close with its
-                        // own code, so it sees a clean close, not a reset.
-                        let _ = tokio::time::timeout(app.config.ws_send_timeout, tx.send(Message::Close(frame))).await;
+                    Some(Ok(Message::Close(_))) => {
+                        // RFC 6455 §5.5.1: tungstenite has queued the echo of
+                        // the client's close (its own code); send it, so the
+                        // client sees a clean close, not a reset.
+                        let _ = tokio::time::timeout(app.config.ws_send_timeout, tx.close()).await;
                         break None;
                     }
                     Some(Err(e)) => {
