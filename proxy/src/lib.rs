@@ -132,10 +132,35 @@ pub fn server_conf(config: &Config, daemon: bool) -> ServerConf {
     }
 }
 
+/// Each proxied connection needs two descriptors (client and backend): like
+/// nginx's `worker_rlimit_nofile`, raise the open-files limit to cover
+/// `max_connections`, the hard limit too when the process may (root).
+fn raise_open_files(max_connections: usize) {
+    use rlimit::Resource;
+    let want = (max_connections as u64).saturating_mul(2).saturating_add(1024);
+    let Ok((soft, hard)) = rlimit::getrlimit(Resource::NOFILE) else { return };
+    if soft >= want {
+        return;
+    }
+    let raised = if hard < want && rlimit::setrlimit(Resource::NOFILE, want, want).is_ok() {
+        want
+    } else {
+        let soft = want.min(hard);
+        if rlimit::setrlimit(Resource::NOFILE, soft, hard).is_err() {
+            return;
+        }
+        soft
+    };
+    if raised < want {
+        log::warn!("open files limited to {raised}: fewer than 2 per client.max_connections ({max_connections})");
+    }
+}
+
 /// Starts the proxy and serves until a signal ends it (never returns on
 /// success: Pingora exits the process).
 pub fn run(config: Config, options: RunOptions) -> Result<(), ProxyError> {
     reload::catch_sighup_early();
+    raise_open_files(config.client.max_connections);
     let startup = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let state = startup.block_on(async {
         let state = State::new(config.clone()).await;

@@ -406,6 +406,15 @@ impl Lean {
                 Some(c) => c,
                 None => match connect(addr, config.connect_timeout).await {
                     Ok(c) => c,
+                    Err(e) if local_shortage(&e) => {
+                        // Out of descriptors or ports here: no backend is to blame.
+                        log::warn!("upstream {}: cannot open a connection to {addr}: {e}", group.name());
+                        return Err(Failure::Upstream {
+                            status: 503,
+                            code: "overloaded",
+                            message: "the proxy is out of connections; retry",
+                        });
+                    }
                     Err(e) => {
                         let timed_out = e.kind() == io::ErrorKind::TimedOut;
                         log::warn!("upstream {}: connect to {addr} failed: {e}", group.name());
@@ -678,6 +687,13 @@ async fn connect(addr: SocketAddr, within: Duration) -> io::Result<TcpStream> {
     let stream = timeout(within, TcpStream::connect(addr)).await.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// A connect that failed for want of local resources (descriptors, memory,
+/// ports), which says nothing about the backend.
+fn local_shortage(e: &io::Error) -> bool {
+    // EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12 | 99))
 }
 
 /// Whether a pooled connection is still open: nothing to read yet (a closed
