@@ -117,7 +117,9 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr)
     let (mut tx, mut rx) = socket.split();
     let mut attachment = app.hub.attach(&session_id).await;
     let mut follower = Follower::new(app.ledger.clone(), Some(app.takeovers.clone()), app.config.stall_timeout);
-    let (done_tx, mut done_rx) = mpsc::channel::<(String, Result<Accepted, crate::api::ApiError>)>(MAX_DISPATCHING);
+    // Boxed: a channel allocates a block of 32 slots up front, and every
+    // socket has one (an unboxed slot is ~90 bytes, ~3 KB per idle socket).
+    let (done_tx, mut done_rx) = mpsc::channel::<Box<(String, Result<Accepted, crate::api::ApiError>)>>(MAX_DISPATCHING);
     let mut dispatching = 0usize;
     let mut stall_tick = tokio::time::interval(crate::STALL_TICK);
     let mut ping_tick = tokio::time::interval(app.config.ws_ping_interval);
@@ -163,7 +165,7 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr)
                                 let (app, done_tx) = (app.clone(), done_tx.clone());
                                 tokio::spawn(async move {
                                     let result = start_chat(&app, ip, body, request_id.clone()).await;
-                                    let _ = done_tx.send((request_id, result)).await;
+                                    let _ = done_tx.send(Box::new((request_id, result))).await;
                                 });
                             }
                         }
@@ -192,7 +194,8 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr)
                     break Some((close::TRY_AGAIN_LATER, "reader too slow; reconnect and resume"));
                 }
             },
-            Some((request_id, result)) = done_rx.recv() => {
+            Some(done) = done_rx.recv() => {
+                let (request_id, result) = *done;
                 dispatching -= 1;
                 match result {
                     Ok(accepted) => {
