@@ -410,6 +410,17 @@ impl ProxyHttp for Edge {
         FailToProxy { error_code: code, can_reuse_downstream: false }
     }
 
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Self::CTX, error: &Error) -> bool {
+        // A client that leaves mid-answer (a chat page closed during an SSE
+        // stream) is an ordinary event: info, like nginx, not an error.
+        let client_left = error.esource() == &ErrorSource::Downstream
+            && matches!(error.etype(), ErrorType::ConnectionClosed | ErrorType::WriteError | ErrorType::ReadError);
+        if client_left {
+            log::info!("client closed the connection before the answer ended: {error}");
+        }
+        client_left
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
         let status = session.response_written().map(|r| r.status.as_u16()).or(ctx.answered).unwrap_or(0);
         let group = Self::group_name(ctx);
