@@ -177,7 +177,18 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), ProxyError> {
 
     let opt = Opt { upgrade: options.upgrade, daemon: options.daemon, ..Opt::default() };
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(&config, options.daemon));
+    // With `-u` this returns once the running proxy has handed over its
+    // listeners (or exits 1 when none does, leaving that one serving).
     server.bootstrap();
+    if !options.daemon {
+        // Pingora writes the pid file only when it daemonizes. Written after
+        // the hand-over, so `kill -QUIT $(cat pid_file)` during an upgrade
+        // still reaches the old process.
+        let pid_file = &config.server.pid_file;
+        if let Err(e) = std::fs::write(pid_file, format!("{}\n", std::process::id())) {
+            log::warn!("cannot write the pid file {pid_file}: {e}");
+        }
+    }
 
     let reloader = Reloader::new(options.config_path.clone(), options.overrides.clone(), state.clone());
     server.add_service(background_service("reload", reloader));

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use futures::{SinkExt, StreamExt};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Which backend each of `n` client addresses reaches.
@@ -426,11 +426,43 @@ async fn a_client_over_its_request_rate_gets_429() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_upgrade_hands_the_listeners_to_a_new_process_without_failed_requests() {
     let backends = vec![Backend::start("only")];
-    let mut old = Proxy::start(&addrs(&backends), ProxyOptions::default()).await;
+    // A grace period: the drain in which keep-alive clients are told to close.
+    let options = ProxyOptions { server: "grace_period = \"2s\"\n".into(), ..Default::default() };
+    let mut old = Proxy::start(&addrs(&backends), options).await;
+    // The README's steps: the pid file names the running proxy (also in the
+    // foreground); start the new one with -u, then `kill -QUIT $(cat pid_file)`.
+    let pid_file = old.config_path.parent().unwrap().join("proxy.pid");
+    let old_pid = std::fs::read_to_string(&pid_file).expect("a pid file in the foreground");
+    assert_eq!(old_pid.trim(), old.pid().to_string());
     let mut new = old.spawn_upgrade();
+
+    // A keep-alive client that never retries: every request it sends must
+    // be answered; it opens a new connection only when told to close.
+    let public = old.public;
+    let keepalive = tokio::spawn(async move {
+        let (mut answered, mut told_to_close) = (0, 0);
+        let deadline = Instant::now() + Duration::from_secs(12);
+        let mut conn = tokio::net::TcpStream::connect(public).await.unwrap();
+        while Instant::now() < deadline {
+            conn.write_all(b"GET /api/k HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+            let (status, close) = read_one_response(&mut conn).await.unwrap_or_else(|e| {
+                panic!("a keep-alive request was lost after {answered} answers: {e}")
+            });
+            assert_eq!(status, 200);
+            answered += 1;
+            if close {
+                told_to_close += 1;
+                conn = tokio::net::TcpStream::connect(public).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (answered, told_to_close)
+    });
+
     // The new process waits on the upgrade socket; the old one sends its listeners on SIGQUIT.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    old.signal("QUIT");
+    let quit = format!("kill -QUIT $(cat {})", pid_file.display());
+    assert!(std::process::Command::new("sh").arg("-c").arg(&quit).status().unwrap().success(), "{quit}");
 
     let started = Instant::now();
     let mut served = 0;
@@ -442,12 +474,62 @@ async fn graceful_upgrade_hands_the_listeners_to_a_new_process_without_failed_re
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(served > 10);
-    // The new process now owns both listeners.
+    // The new process now owns both listeners, and the pid file.
     assert_eq!(get(old.public, "/api/x").await.unwrap().status, 200);
     assert_eq!(get(old.status, "/nginx-status").await.unwrap().status, 200);
     assert!(new.try_wait().unwrap().is_none(), "the new process exited");
+    assert_eq!(std::fs::read_to_string(&pid_file).unwrap().trim(), new.id().to_string());
+    let (answered, told_to_close) = keepalive.await.expect("the keep-alive client lost a request");
+    assert!(answered > 50 && told_to_close >= 1, "answered {answered}, told to close {told_to_close}");
     new.kill().ok();
     new.wait().ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_that_gets_no_listeners_exits_non_zero_and_the_proxy_keeps_serving() {
+    let backends = vec![Backend::start("only")];
+    let proxy = Proxy::start(&addrs(&backends), ProxyOptions::default()).await;
+    // No SIGQUIT is sent: nothing hands the listeners over.
+    let mut new = proxy.spawn_upgrade();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = new.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the new process kept waiting");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success(), "a new process without listeners exited 0");
+    assert_eq!(get(proxy.public, "/api/x").await.unwrap().status, 200);
+}
+
+/// Reads one response (`Content-Length` body) from a keep-alive connection:
+/// its status and whether it says `Connection: close`.
+async fn read_one_response(conn: &mut tokio::net::TcpStream) -> Result<(u16, bool), String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let status = head.get(9..12).and_then(|s| s.parse().ok()).ok_or("no status")?;
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or("no content-length")?;
+            if buf.len() >= end + 4 + length {
+                return Ok((status, head.contains("connection: close")));
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut chunk))
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!("closed with {} bytes of a response read", buf.len()));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

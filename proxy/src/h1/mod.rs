@@ -43,7 +43,7 @@ const MIN_READ: usize = 4096;
 
 /// Room kept free in the backend's read buffer before each read: most
 /// responses arrive whole in one read.
-const UPSTREAM_READ: usize = 16 * 1024;
+const UPSTREAM_READ: usize = 8 * 1024;
 
 /// What the lean path did with a connection.
 pub enum Served {
@@ -93,6 +93,8 @@ struct Conn {
     fields: Vec<Field>,
     /// The process is shutting down: answer with `Connection: close`.
     draining: bool,
+    /// Says when the process starts shutting down.
+    shutdown: ShutdownWatch,
 }
 
 /// Per-request facts for the answer and the log.
@@ -167,10 +169,10 @@ impl Lean {
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
             .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-        let client = &self.state.config.client;
         let mut conn = Conn {
             stream,
-            buf: BytesMut::with_capacity(client.read_buffer.clamp(MIN_READ, 64 * 1024)),
+            // Grows on demand; most heads fit.
+            buf: BytesMut::with_capacity(MIN_READ),
             up: BytesMut::new(),
             out: Vec::new(),
             peer,
@@ -179,6 +181,7 @@ impl Lean {
             metrics: None,
             fields: Vec::new(),
             draining: *shutdown.borrow(),
+            shutdown: shutdown.clone(),
         };
         let mut shutdown = shutdown.clone();
         let stats = &self.state.stats;
@@ -227,7 +230,10 @@ impl Lean {
             }
             if conn.buf.is_empty() && !first {
                 // Between requests: wait for the next one, closing after the
-                // keep-alive time, or soon once the process drains.
+                // keep-alive time. While the process drains (the grace
+                // period, after which Pingora drops every task), a client
+                // that sends one more request is answered with `Connection:
+                // close` rather than losing it to a connection closed under it.
                 let idle = if conn.draining { self.state.config.server.grace_period } else { client.keepalive_timeout };
                 tokio::select! {
                     biased;
@@ -259,6 +265,7 @@ impl Lean {
 
     /// Serves one request whose head is at the start of `conn.buf`.
     async fn exchange(&self, conn: &mut Conn, mut req: Request) -> Next {
+        conn.draining |= *conn.shutdown.borrow();
         let state = &self.state;
         let config = &state.config;
         state.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -608,7 +615,11 @@ impl Lean {
         ex.bytes += conn.out.len() as u64;
         match write_client(&mut conn.stream, &conn.out).await {
             Ok(()) if !close => Next::Keep,
-            _ => Next::Close,
+            Ok(()) => {
+                linger(&mut conn.stream, &mut conn.buf).await;
+                Next::Close
+            }
+            Err(_) => Next::Close,
         }
     }
 
@@ -674,6 +685,27 @@ async fn read_some<S: AsyncRead + Unpin + ?Sized>(stream: &mut S, buf: &mut Byte
         buf.reserve(room);
     }
     stream.read_buf(buf).await
+}
+
+/// Closes the sending side, then reads and drops what the client still
+/// sends (a refused body) for a moment, like nginx's lingering close:
+/// closing with unread bytes would send a reset, and the client could lose
+/// the answer to it.
+async fn linger(stream: &mut Stream, buf: &mut BytesMut) {
+    const LINGER: Duration = Duration::from_secs(2);
+    const MAX_DRAINED: usize = 1 << 20;
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + LINGER;
+    let mut drained = 0;
+    while drained < MAX_DRAINED {
+        buf.clear();
+        match tokio::time::timeout_at(deadline, read_some(stream, buf, MIN_READ)).await {
+            Ok(Ok(n)) if n > 0 => drained += n,
+            _ => break,
+        }
+    }
 }
 
 /// Writes to the client; a failure means the client left.

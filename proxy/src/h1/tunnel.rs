@@ -20,6 +20,9 @@ pub async fn run(mut client: Stream, mut upstream: TcpStream, idle: Duration) {
     let mut from_client = vec![0u8; BUFFER];
     let mut from_upstream = vec![0u8; BUFFER];
     let (mut up_read, mut up_write) = upstream.split();
+    // The idle timer is re-armed only when it fires, from the last activity:
+    // no timer work per frame.
+    let mut last = Instant::now();
     let sleep = tokio::time::sleep(idle);
     tokio::pin!(sleep);
     let mut client_open = true;
@@ -47,11 +50,15 @@ pub async fn run(mut client: Stream, mut upstream: TcpStream, idle: Duration) {
                 }
             },
             _ = &mut sleep => {
-                log::debug!("websocket idle for {idle:?}, closing");
-                break;
+                if last.elapsed() >= idle {
+                    log::debug!("websocket idle for {idle:?}, closing");
+                    break;
+                }
+                sleep.as_mut().reset(last + idle);
+                continue;
             }
         }
-        sleep.as_mut().reset(Instant::now() + idle);
+        last = Instant::now();
     }
     let _ = client.shutdown().await;
 }

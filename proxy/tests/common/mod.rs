@@ -200,13 +200,14 @@ pub fn config_text(
 ) -> String {
     let servers: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
     format!(
-        "[server]\nthreads = 2\ngrace_period = \"0s\"\nshutdown_timeout = \"1s\"\npid_file = \"{dir}/proxy.pid\"\nupgrade_sock = \"{dir}/upgrade.sock\"\n{server}\n\
+        "[server]\nthreads = 2\n{grace}shutdown_timeout = \"1s\"\npid_file = \"{dir}/proxy.pid\"\nupgrade_sock = \"{dir}/upgrade.sock\"\n{server}\n\
          [listen]\npublic = \"127.0.0.1:{public}\"\nstatus = \"127.0.0.1:{status}\"\n\
          [client]\n{client}\n\
          [websocket]\nidle_timeout = \"{ws}\"\n\
          [upstreams.backends]\nservers = [{servers}]\n{upstream}\n\
          [upstreams.backends.health]\n{health}\n{routes}\n{extra}\n",
         dir = dir.display(),
+        grace = if o.server.contains("grace_period") { "" } else { "grace_period = \"0s\"\n" },
         server = o.server,
         client = o.client,
         ws = o.ws_idle,
@@ -296,6 +297,11 @@ impl Proxy {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         false
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Whether the process is still running.
