@@ -38,8 +38,10 @@ use crate::sticky::{self, Headers};
 use crate::upstreams::UpstreamGroup;
 use crate::State;
 
-/// Room kept free in the client's read buffer before each read.
-const MIN_READ: usize = 4096;
+/// Room kept free in the client's read buffer before each read: a head and
+/// a body of a few KB arrive in one read (a smaller room split a 4 KB POST
+/// into two reads and two upstream writes).
+const MIN_READ: usize = 16 * 1024;
 
 /// Room kept free in the backend's read buffer before each read: most
 /// responses arrive whole in one read.
@@ -171,7 +173,6 @@ impl Lean {
             .unwrap_or(IpAddr::from([0, 0, 0, 0]));
         let mut conn = Conn {
             stream,
-            // Grows on demand; most heads fit.
             buf: BytesMut::with_capacity(MIN_READ),
             up: BytesMut::new(),
             out: Vec::new(),
