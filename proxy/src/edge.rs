@@ -81,16 +81,6 @@ impl Drop for InFlight {
     }
 }
 
-/// A number unique to the current thread, for its own upstream connection pool.
-fn thread_key() -> u64 {
-    use std::sync::atomic::AtomicU64;
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    thread_local! {
-        static KEY: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
-    }
-    KEY.with(|k| *k)
-}
-
 /// Whether a client-supplied request id is safe to pass on.
 fn acceptable_request_id(id: &str) -> bool {
     crate::h1::acceptable_request_id(id.as_bytes())
@@ -275,7 +265,7 @@ impl ProxyHttp for Edge {
             // Each thread runs its own runtime, and a connection wakes the
             // runtime that opened it: reusing only this thread's upstream
             // connections keeps every request on one thread.
-            peer.group_key = thread_key();
+            peer.group_key = crate::h1::pool::thread_key();
         }
         peer.options.connection_timeout = Some(config.connect_timeout);
         peer.options.idle_timeout = Some(UPSTREAM_IDLE);

@@ -36,7 +36,7 @@ pub struct Pool {
 }
 
 /// A number unique to the current thread.
-fn thread_key() -> u64 {
+pub fn thread_key() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     thread_local! {
         static KEY: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -79,10 +79,5 @@ impl Pool {
         if conns.len() < self.cap {
             conns.push(Idle { stream, since: Instant::now() });
         }
-    }
-
-    /// Idle connections held (for `/upstreams` and tests).
-    pub fn idle(&self) -> usize {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).values().map(Vec::len).sum()
     }
 }
