@@ -133,8 +133,9 @@ async fn redis_restarted_mid_stream_every_component_recovers_and_nothing_hangs()
 #[tokio::test]
 async fn a_client_that_stops_reading_is_closed_with_1013_and_backend_memory_stays_bounded() {
     let redis = redis_url();
-    // Fast, long answers: far more than socket buffers and the queue hold.
-    let pace = Pace { first_token_ms: 1, tokens_per_second: 0.0, answer_tokens: 3_000 };
+    // Fast, long answers: 100,000 events (about 13 MB), far more than the
+    // socket buffers (loopback send buffers grow to 4 MB) and the queue hold.
+    let pace = Pace { first_token_ms: 1, tokens_per_second: 0.0, answer_tokens: 10_000 };
     let node = AiNode::start(&redis, pace).await;
     let backend = Backend::builder(&redis, &[&node])
         .set("limits", "ws_send_queue", 64)
@@ -150,8 +151,14 @@ async fn a_client_that_stops_reading_is_closed_with_1013_and_backend_memory_stay
         let frame = json!({"type": "chat", "message": format!("flood me {i}")}).to_string();
         socket.send(Message::text(frame)).await.unwrap();
     }
-    // Read nothing while ~30,000 events are produced for this socket.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Read nothing until the backend gives up on this socket (its sends block
+    // once the kernel's buffers are full; the queue then overflows or a send
+    // outlasts `ws_send_timeout`).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    while slow_consumers(&backend).await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the backend never counted the slow consumer");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let during = rss_kib(backend.pid());
 
     // The close frame is queued behind everything the client did not read: it
@@ -168,11 +175,6 @@ async fn a_client_that_stops_reading_is_closed_with_1013_and_backend_memory_stay
         }
     };
     assert!(ending == "close Some(1013)" || !ending.starts_with("close"), "ended with {ending}");
-    let metrics = http().get(backend.metrics_url()).send().await.unwrap().text().await.unwrap();
-    assert!(
-        metrics.lines().any(|l| l.starts_with("backend_ws_slow_consumers_total ") && !l.ends_with(" 0")),
-        "the backend counted the slow consumer"
-    );
     eprintln!("backend RSS: {before} KiB before, {during} KiB while the client did not read; {read} frames read");
     assert!(during < before + 64 * 1024, "memory grew from {before} to {during} KiB");
     assert!(alive(backend.pid()));
@@ -180,6 +182,16 @@ async fn a_client_that_stops_reading_is_closed_with_1013_and_backend_memory_stay
     // 64-event queue, so the check is an accepted chat, not a streamed one).
     let accepted = backend.chat(&unique("s"), "still there?").await;
     assert!(!accepted.request_id.is_empty());
+}
+
+/// `backend_ws_slow_consumers_total` of a backend.
+async fn slow_consumers(backend: &Backend) -> u64 {
+    let metrics = http().get(backend.metrics_url()).send().await.unwrap().text().await.unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("backend_ws_slow_consumers_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// An `ai-node` process on a given port (to restart a killed node where it was).
