@@ -66,6 +66,8 @@ pub struct StreamFile {
     pub max_len: usize,
     #[serde(default = "default_stream_ttl_secs")]
     pub ttl_secs: u64,
+    #[serde(default = "default_stream_lease_ms")]
+    pub lease_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -146,6 +148,9 @@ fn default_max_body_bytes() -> usize {
 fn default_stream_max_len() -> usize {
     10_000
 }
+fn default_stream_lease_ms() -> u64 {
+    5_000
+}
 fn default_stream_ttl_secs() -> u64 {
     600
 }
@@ -209,6 +214,9 @@ pub struct Config {
     pub stream_max_len: usize,
     /// How long a request's stream and claim live after their last event.
     pub stream_ttl: Duration,
+    /// The producer's lease on a request it generates, renewed every third of
+    /// it; a backend takes a request over only once it lapsed.
+    pub stream_lease: Duration,
     pub history_max_turns: usize,
     pub history_ttl: Duration,
     pub engine: EngineConfig,
@@ -311,6 +319,9 @@ fn check(f: FileConfig, source: String) -> Result<Config, String> {
     if f.stream.max_len < 16 {
         bad("stream.max_len", format!("{} is below the minimum of 16", f.stream.max_len));
     }
+    if !(100..=60_000).contains(&f.stream.lease_ms) {
+        bad("stream.lease_ms", format!("{} is not between 100 and 60000", f.stream.lease_ms));
+    }
     if f.stream.ttl_secs < 300 {
         bad(
             "stream.ttl_secs",
@@ -378,6 +389,7 @@ fn check(f: FileConfig, source: String) -> Result<Config, String> {
         max_body_bytes: f.limits.max_body_bytes,
         stream_max_len: f.stream.max_len,
         stream_ttl: Duration::from_secs(f.stream.ttl_secs),
+        stream_lease: Duration::from_millis(f.stream.lease_ms),
         history_max_turns: f.history.max_turns,
         history_ttl: Duration::from_secs(f.history.ttl_secs),
         engine,

@@ -66,13 +66,28 @@ impl Generator {
         let prompt = Prompt { message: job.message.clone(), history, continue_from };
         let mut seq = job.after_seq;
         let mut answer = job.prefix.clone();
-        let ending = match self.engine.generate(prompt).await {
+        // The lease says this node is alive while the engine is silent; a
+        // renewal that is refused means another node took the answer over.
+        let fenced = CancellationToken::new();
+        let _renewer = AbortOnDrop(tokio::spawn(renew_lease(
+            self.store.clone(),
+            job.request_id.clone(),
+            job.epoch,
+            self.node_id.clone(),
+            fenced.clone(),
+        )));
+        let started = tokio::select! {
+            _ = fenced.cancelled() => return Outcome::Fenced,
+            started = self.engine.generate(prompt) => started,
+        };
+        let ending = match started {
             Err(e) => Event::error(&job.request_id, seq + 1, failure_code(&e), e.to_string()),
             Ok(mut pieces) => {
                 let idle = self.engine.idle_timeout();
                 loop {
                     let next = tokio::select! {
                         _ = cancel.cancelled() => break Event::error(&job.request_id, seq + 1, "node_shutdown", "the AI node shut down before the answer finished"),
+                        _ = fenced.cancelled() => return Outcome::Fenced,
                         next = tokio::time::timeout(idle, pieces.next()) => next,
                     };
                     match next {
@@ -87,6 +102,10 @@ impl Generator {
                         Ok(None) => break Event::done(&job.request_id, seq + 1, "stop"),
                         Ok(Some(Err(e))) => {
                             break Event::error(&job.request_id, seq + 1, failure_code(&e), e.to_string())
+                        }
+                        Ok(Some(Ok(_))) if seq + 1 >= self.store.max_events() => {
+                            // The stream keeps every event of an answer; a longer one is cut here.
+                            break Event::done(&job.request_id, seq + 1, "length");
                         }
                         Ok(Some(Ok(delta))) => {
                             seq += 1;
@@ -151,6 +170,36 @@ impl Generator {
             }
         }
         Some(Outcome::Unpublished)
+    }
+}
+
+/// Aborts the task when dropped (the answer ended, one way or another).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Renews the lease every third of it until aborted; cancels `fenced` when a
+/// renewal is refused. A failed renewal (Redis unreachable) is retried: the
+/// lease may lapse meanwhile, and then the next emit learns of the takeover.
+async fn renew_lease(store: Arc<Store>, request_id: String, epoch: u64, node_id: String, fenced: CancellationToken) {
+    let mut tick = tokio::time::interval(store.lease() / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match store.renew(&request_id, epoch, &node_id).await {
+            Ok(true) => {}
+            Ok(false) => {
+                log::info!("request_id={request_id} lease refused at epoch {epoch}: another node took the request over");
+                fenced.cancel();
+                return;
+            }
+            Err(e) => log::warn!("request_id={request_id} lease renewal failed: {e}"),
+        }
     }
 }
 

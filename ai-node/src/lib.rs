@@ -85,6 +85,7 @@ pub fn store_on(config: &Config, backplane: &Backplane) -> anyhow::Result<Arc<St
     let retention = Retention {
         stream_max_len: config.stream_max_len,
         stream_ttl: config.stream_ttl,
+        lease: config.stream_lease,
         history_max_turns: config.history_max_turns,
         history_ttl: config.stream_ttl.max(config.history_ttl),
     };

@@ -35,6 +35,8 @@ pub struct Retention {
     pub stream_max_len: usize,
     /// Lifetime of a stream and a claim, renewed by each event.
     pub stream_ttl: Duration,
+    /// The producer's lease on a request (see `chat_wire::ledger`).
+    pub lease: Duration,
     pub history_max_turns: usize,
     pub history_ttl: Duration,
 }
@@ -58,7 +60,7 @@ impl Store {
 
     /// Claims a request, so a repeated request id does not start a second generation.
     pub async fn claim(&self, request_id: &str, record: &RequestRecord) -> Result<Claim, StoreError> {
-        Ok(match self.ledger.claim(request_id, record).await? {
+        Ok(match self.ledger.claim(request_id, record, self.retention.lease).await? {
             None => Claim::Won,
             Some(holder) => Claim::Taken(holder),
         })
@@ -66,7 +68,23 @@ impl Store {
 
     /// Takes over a request fenced at `epoch` by a backend.
     pub async fn adopt(&self, request_id: &str, epoch: u64, node_id: &str) -> Result<bool, StoreError> {
-        self.ledger.adopt(request_id, epoch, node_id).await
+        self.ledger.adopt(request_id, epoch, node_id, self.retention.lease).await
+    }
+
+    /// Renews this producer's lease; `Ok(false)` when it was fenced off.
+    pub async fn renew(&self, request_id: &str, epoch: u64, node_id: &str) -> Result<bool, StoreError> {
+        self.ledger.renew(request_id, epoch, node_id, self.retention.lease).await
+    }
+
+    /// The lease, which the producer renews every third of.
+    pub fn lease(&self) -> Duration {
+        self.retention.lease
+    }
+
+    /// Most events one answer may store: the stream keeps them all, so a
+    /// late reader or a takeover always finds the whole answer.
+    pub fn max_events(&self) -> u64 {
+        self.retention.stream_max_len as u64
     }
 
     /// Stores then publishes an event, unless a takeover fenced this producer off.

@@ -2,15 +2,16 @@
 //! /api/ai-health`, `GET /health`, the WebSocket route, and the one JSON error
 //! shape. Every answer carries `X-Backend-Id`.
 
-use crate::follow::Follower;
+use crate::follow::{Out, ResumeError};
+use crate::reader::{Reader, TooSlow};
 use crate::limits::Limited;
 use crate::nodes::{DispatchError, NodeChat};
 use crate::{ws, App};
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::sse::{KeepAlive, Sse};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -26,6 +27,7 @@ pub fn router(app: Arc<App>) -> Router {
     let backend_id = HeaderValue::from_str(&app.config.backend_id).expect("backend ids are header-safe");
     Router::new()
         .route("/api/chat", post(chat))
+        .route("/api/chat/{request_id}/events", get(resume_sse))
         .route("/api/ai-health", get(ai_health))
         .route("/ws/chat", get(ws::upgrade))
         .route("/health", get(health))
@@ -124,11 +126,13 @@ async fn chat(
     if wants_sse {
         // Attach before dispatching so no event can pass unseen.
         chat_wire::validate_id("session_id", &body.session_id).map_err(ApiError::invalid)?;
-        let attachment = app.hub.attach(&body.session_id).await;
+        let mut reader = Reader::attach(&app, &body.session_id).await;
+        reader.follower.expect(&request_id);
         let session_id = body.session_id.clone();
         let accepted = start_chat(&app, ip, body, request_id.clone()).await?;
         log::info!("request_id={request_id} session_id={session_id} node={} sse", accepted.node_url);
-        return Ok(sse(app, attachment, request_id).await.into_response());
+        let first = reader.follower.start(&request_id).await;
+        return Ok(sse(app, reader, request_id, first).into_response());
     }
     let session_id = body.session_id.clone();
     let accepted = start_chat(&app, ip, body, request_id.clone()).await?;
@@ -144,29 +148,89 @@ async fn chat(
     Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
 }
 
-/// The events of one request as Server-Sent Events, ending after `done` or `error`.
-async fn sse(app: Arc<App>, mut attachment: crate::hub::Attachment, request_id: String) -> impl IntoResponse {
-    let (tx, rx) = tokio::sync::mpsc::channel::<axum::response::sse::Event>(64);
+#[derive(Debug, Deserialize)]
+struct ResumeParams {
+    after_seq: Option<u64>,
+}
+
+/// `GET /api/chat/{request_id}/events`: the events of a request after
+/// `Last-Event-ID` (or `?after_seq=`), as SSE, from any backend: a dropped
+/// SSE stream resumes here with nothing lost or repeated.
+async fn resume_sse(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(request_id): axum::extract::Path<String>,
+    Query(params): Query<ResumeParams>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    chat_wire::validate_id("request_id", &request_id).map_err(ApiError::invalid)?;
+    let last_event_id = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()).ok_or_else(|| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "Last-Event-ID must be a seq (a whole number)")
+        })?),
+    };
+    let after_seq = last_event_id.or(params.after_seq).unwrap_or(0);
+    let unknown = || ApiError::new(StatusCode::NOT_FOUND, "unknown_request", "no such request, or it expired");
+    let unavailable =
+        || ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the event store is unreachable");
+    let record = match app.ledger.record(&request_id).await {
+        Ok(Some(record)) => record,
+        Ok(None) => return Err(unknown()),
+        Err(_) => return Err(unavailable()),
+    };
+    // Attached before reading the stream, so no event passes unseen in between.
+    let mut reader = Reader::attach(&app, &record.session_id).await;
+    let first = match reader.follower.resume(&request_id, after_seq).await {
+        Ok(first) => first,
+        Err(ResumeError::UnknownRequest) => return Err(unknown()),
+        Err(ResumeError::StoreUnavailable) => return Err(unavailable()),
+    };
+    app.metrics.events_replayed.inc_by(first.len() as u64);
+    let ended = first.is_empty() && !reader.follower.is_following(&request_id);
+    if ended {
+        // The client has the whole request already: an empty stream that ends.
+        let empty = futures::stream::empty::<Result<SseEvent, Infallible>>();
+        return Ok(Sse::new(empty).into_response());
+    }
+    Ok(sse(app, reader, request_id, first).into_response())
+}
+
+/// The events of one request as Server-Sent Events, ending after its `done`
+/// or `error`. A reader dropped as too slow (or told the stored events are
+/// gone) ends with an `error` event without an id, and may resume.
+fn sse(app: Arc<App>, mut reader: Reader, request_id: String, first: Vec<Out>) -> impl IntoResponse {
+    let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(64);
     tokio::spawn(async move {
-        let mut follower = Follower::new(app.ledger.clone(), Some(app.takeovers.clone()), app.config.stall_timeout);
-        let mut pending = follower.start(&request_id).await;
-        let mut tick = tokio::time::interval(crate::STALL_TICK);
+        let send_timeout = app.config.ws_send_timeout;
+        let mut pending = first;
         loop {
-            for event in pending.drain(..).filter(|e| e.request_id == request_id) {
-                let end = event.is_terminal();
-                app.metrics.observe_delivery(event.ts_us);
-                if tx.send(sse_event(&event)).await.is_err() || end {
+            for out in pending.drain(..) {
+                let (event, end) = match out {
+                    Out::Event(e) if e.request_id == request_id => {
+                        app.metrics.observe_delivery(e.ts_us);
+                        (sse_event(&e), e.is_terminal())
+                    }
+                    Out::Notice { request_id: id, code, message } if id == request_id => {
+                        (sse_notice(&id, code, &message), true)
+                    }
+                    _ => continue,
+                };
+                if tx.send(event).await.is_err() || end {
                     return;
                 }
             }
-            tokio::select! {
-                delivery = attachment.rx.recv() => match delivery {
-                    Some(crate::hub::Delivery::Event(e)) => pending = follower.on_live(&e).await,
-                    Some(crate::hub::Delivery::Refill) => pending = follower.refill_all().await,
-                    None => return,
-                },
-                _ = tick.tick() => pending = follower.check_stalls().await,
+            let wake = tokio::select! {
+                wake = reader.wake() => wake,
                 _ = tx.closed() => return,
+            };
+            match reader.handle(wake).await {
+                Ok(events) => pending = events,
+                Err(TooSlow) => {
+                    app.metrics.slow_consumers.inc();
+                    let notice = sse_notice(&request_id, "too_slow", "the client read too slowly; resume with Last-Event-ID");
+                    let _ = tokio::time::timeout(send_timeout, tx.send(notice)).await;
+                    return;
+                }
             }
         }
     });
@@ -175,13 +239,19 @@ async fn sse(app: Arc<App>, mut attachment: crate::hub::Attachment, request_id: 
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
-fn sse_event(event: &Event) -> axum::response::sse::Event {
+fn sse_event(event: &Event) -> SseEvent {
     let kind = match event.kind {
         chat_wire::EventKind::Chunk => "chunk",
         chat_wire::EventKind::Done => "done",
         chat_wire::EventKind::Error => "error",
     };
-    axum::response::sse::Event::default().id(event.seq.to_string()).event(kind).data(event.to_json())
+    SseEvent::default().id(event.seq.to_string()).event(kind).data(event.to_json())
+}
+
+/// A reader-level `error` (not an event of the request: no `id`, no `seq`).
+fn sse_notice(request_id: &str, code: &str, message: &str) -> SseEvent {
+    let data = json!({"type": "error", "request_id": request_id, "code": code, "message": message});
+    SseEvent::default().event("error").data(data.to_string())
 }
 
 async fn ai_health(State(app): State<Arc<App>>) -> Json<serde_json::Value> {

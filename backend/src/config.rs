@@ -80,7 +80,7 @@ pub struct AiFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamFile {
-    #[serde(default = "d_15000")]
+    #[serde(default = "d_3000")]
     pub stall_timeout_ms: u64,
 }
 
@@ -158,9 +158,6 @@ fn d_8000() -> u64 {
 }
 fn d_10000() -> u64 {
     10_000
-}
-fn d_15000() -> u64 {
-    15_000
 }
 fn d_20000() -> u64 {
     20_000

@@ -1,33 +1,59 @@
-//! Exactly-once, in-order delivery of a session's requests to one reader.
+//! Exactly-once, in-order delivery of a session's requests to one reader (a
+//! WebSocket or an SSE response).
 //!
-//! A `Follower` keeps, for each request it follows, the last `seq` it passed
-//! on. A live event is passed on only when it is the next one; an older one is
-//! a duplicate and dropped; a newer one means a gap (a late join, a pub/sub
-//! reconnect), and the gap is filled from the request's Redis stream, which
-//! is never behind pub/sub. Resume is the same mechanism started from
-//! `after_seq`. A followed request whose events stop for longer than the
-//! stall timeout is handed to `takeover` (another node continues it); if it
-//! is still silent a period later, it is ended with a `node_failed` error, so
-//! nobody waits forever.
+//! For each request it follows, a `Follower` keeps a cursor: the last `seq`
+//! this reader has passed on. Nothing at or below the cursor is passed on
+//! again, whatever arrives (live events, a `resume`, a refill). A live event
+//! is passed on when it is the next one; a newer one means a gap (a late
+//! join, a pub/sub reconnect), filled from the request's stream, which is
+//! never behind pub/sub and is read in pages from the cursor. `resume` moves
+//! the cursor up to `after_seq` (never down) and fills from there.
+//!
+//! Silence is not death: a request whose stream has not grown for the stall
+//! timeout is read once more and then offered to `takeover`, which fences it
+//! only when its producer's lease has lapsed (a paused or dead node). Every
+//! end a reader sees is a stored `done` or `error`; nothing is made up here.
+//!
+//! Bounds: `MAX_FOLLOWED` requests followed at once (past it the oldest is
+//! parked with its cursor, and a `resume` picks it up again), `LEFT_MEMORY`
+//! cursors of requests no longer followed; one page of stored events per turn.
 
 use crate::takeover::Takeovers;
-use chat_wire::ledger::Ledger;
-use chat_wire::redis_conn::RedisError;
+use chat_wire::ledger::{Ledger, Page, PAGE};
 use chat_wire::Event;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Finished request ids remembered per reader, to drop their late duplicates.
-const FINISHED_MEMORY: usize = 512;
-/// Requests followed at once by one reader; past it the oldest is dropped.
+/// Requests followed at once by one reader; past it the oldest is parked.
 const MAX_FOLLOWED: usize = 64;
+/// Cursors kept of requests no longer followed (ended or parked).
+const LEFT_MEMORY: usize = 4096;
 
 struct Track {
-    last_seq: u64,
+    /// The last `seq` this reader passed on (or was told the client has).
+    sent: u64,
+    /// The highest `seq` known to be stored: the producer's progress.
+    seen: u64,
+    /// When `seen` last grew (or the request was last offered for takeover).
     last_progress: Instant,
-    /// Set when a read of the stream found nothing new: the next stall check ends the request.
-    suspect: bool,
+    /// A `resume` asked for more than was stored: if the request ends below
+    /// the cursor, the reader is told so.
+    past_end: bool,
+}
+
+/// What a reader sends: an event of a request, or a notice about one (a
+/// socket-level `error` frame without `seq`, never stored).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Out {
+    Event(Event),
+    Notice { request_id: String, code: &'static str, message: String },
+}
+
+impl Out {
+    fn notice(request_id: &str, code: &'static str, message: impl Into<String>) -> Out {
+        Out::Notice { request_id: request_id.to_owned(), code, message: message.into() }
+    }
 }
 
 /// Why a resume failed.
@@ -38,29 +64,36 @@ pub enum ResumeError {
 }
 
 pub struct Follower {
-    replay: Arc<Ledger>,
-    /// Started for a request that went silent; `None` only ends such requests.
-    takeovers: Option<Arc<Takeovers>>,
+    ledger: Arc<Ledger>,
+    takeovers: Arc<Takeovers>,
     tracks: HashMap<String, Track>,
     /// Order in which tracks were opened, to bound them.
     opened: VecDeque<String>,
-    finished: HashSet<String>,
-    finished_order: VecDeque<String>,
+    /// Cursors of requests this reader no longer follows.
+    left: HashMap<String, u64>,
+    left_order: VecDeque<String>,
+    /// Some cursor was forgotten: a request first seen mid-way might have been
+    /// sent before, so only requests seen from `seq` 1 are followed unasked.
+    forgot: bool,
     /// Chats being dispatched by this reader (see `expect`).
     pending: HashSet<String>,
+    /// Requests with more stored events than one page passed on.
+    behind: VecDeque<String>,
     stall_timeout: Duration,
 }
 
 impl Follower {
-    pub fn new(replay: Arc<Ledger>, takeovers: Option<Arc<Takeovers>>, stall_timeout: Duration) -> Follower {
+    pub fn new(ledger: Arc<Ledger>, takeovers: Arc<Takeovers>, stall_timeout: Duration) -> Follower {
         Follower {
-            replay,
+            ledger,
             takeovers,
             tracks: HashMap::new(),
             opened: VecDeque::new(),
-            finished: HashSet::new(),
-            finished_order: VecDeque::new(),
+            left: HashMap::new(),
+            left_order: VecDeque::new(),
+            forgot: false,
             pending: HashSet::new(),
+            behind: VecDeque::new(),
             stall_timeout,
         }
     }
@@ -73,7 +106,7 @@ impl Follower {
 
     /// The chat was accepted: follow it from its beginning, with whatever was
     /// published while it was pending.
-    pub async fn start(&mut self, request_id: &str) -> Vec<Event> {
+    pub async fn start(&mut self, request_id: &str) -> Vec<Out> {
         self.pending.remove(request_id);
         self.open(request_id, 0);
         self.fill(request_id).await.unwrap_or_default()
@@ -89,79 +122,91 @@ impl Follower {
         self.tracks.contains_key(request_id)
     }
 
-    fn open(&mut self, request_id: &str, after_seq: u64) {
-        if self.tracks.len() >= MAX_FOLLOWED {
-            while let Some(old) = self.opened.pop_front() {
-                if self.tracks.remove(&old).is_some() {
-                    break;
-                }
-            }
-        }
-        self.finished.remove(request_id);
-        self.opened.push_back(request_id.to_owned());
-        self.tracks.insert(
-            request_id.to_owned(),
-            Track { last_seq: after_seq, last_progress: Instant::now(), suspect: false },
-        );
+    /// Whether stored events wait to be passed on (call `catch_up`).
+    pub fn is_behind(&self) -> bool {
+        !self.behind.is_empty()
     }
 
-    fn finish(&mut self, request_id: &str) {
-        self.tracks.remove(request_id);
-        if self.finished.insert(request_id.to_owned()) {
-            self.finished_order.push_back(request_id.to_owned());
-            if self.finished_order.len() > FINISHED_MEMORY {
-                if let Some(old) = self.finished_order.pop_front() {
-                    self.finished.remove(&old);
-                }
-            }
+    /// The next page of the request that is furthest behind.
+    pub async fn catch_up(&mut self) -> Vec<Out> {
+        match self.behind.pop_front() {
+            Some(id) => self.fill(&id).await.unwrap_or_default(),
+            None => Vec::new(),
         }
     }
 
     /// A live event: returns what to pass on, in order (possibly several after a gap, possibly none).
-    pub async fn on_live(&mut self, event: &Event) -> Vec<Event> {
-        if self.finished.contains(&event.request_id) || self.pending.contains(&event.request_id) {
+    pub async fn on_live(&mut self, event: &Event) -> Vec<Out> {
+        let id = &event.request_id;
+        if self.pending.contains(id) || self.left.contains_key(id) {
             return Vec::new();
         }
-        let last = match self.tracks.get(&event.request_id) {
-            Some(t) => t.last_seq,
-            None => {
-                self.open(&event.request_id, 0);
-                0
+        if !self.tracks.contains_key(id) {
+            if self.forgot && event.seq > 1 {
+                return Vec::new();
             }
-        };
-        if event.seq <= last {
+            self.open(id, 0);
+        }
+        let track = self.tracks.get_mut(id).expect("opened above");
+        if event.seq > track.seen {
+            track.seen = event.seq;
+            track.last_progress = Instant::now();
+        }
+        if event.seq <= track.sent {
+            if event.is_terminal() {
+                // The request ended at or below what this reader already has.
+                let past_end = track.past_end && event.seq < track.sent;
+                self.finish(id);
+                if past_end {
+                    return vec![past_end_notice(id, event.seq)];
+                }
+            }
             return Vec::new();
         }
-        if event.seq == last + 1 {
-            return self.accept(vec![event.clone()]);
+        if event.seq == track.sent + 1 {
+            return self.accept(id, vec![event.clone()]);
         }
         // A gap: the stream has everything up to this event (it is written before it is published).
-        let request_id = event.request_id.clone();
-        self.fill(&request_id).await.unwrap_or_default()
+        let id = id.clone();
+        self.fill(&id).await.unwrap_or_default()
     }
 
-    /// Resume from `after_seq`: stored events after it now, live ones after that.
-    pub async fn resume(&mut self, request_id: &str, after_seq: u64) -> Result<Vec<Event>, ResumeError> {
-        let stored = match self.replay.read(request_id).await {
-            Ok(Some(events)) => events,
-            Ok(None) => return Err(ResumeError::UnknownRequest),
+    /// Resume from `after_seq`: stored events after it (and after anything
+    /// this reader already sent of the request), then live ones.
+    pub async fn resume(&mut self, request_id: &str, after_seq: u64) -> Result<Vec<Out>, ResumeError> {
+        let sent = self.tracks.get(request_id).map(|t| t.sent).or_else(|| self.left.get(request_id).copied());
+        let cursor = after_seq.max(sent.unwrap_or(0));
+        let page = match self.ledger.page(request_id, cursor, PAGE).await {
+            Ok(page) if page.known => page,
+            Ok(_) => return Err(ResumeError::UnknownRequest),
             Err(e) => {
                 log::warn!("request_id={request_id} resume failed: {e}");
                 return Err(ResumeError::StoreUnavailable);
             }
         };
-        let ended_before = stored.iter().any(|e| e.is_terminal() && e.seq <= after_seq);
-        self.open(request_id, after_seq);
-        let out = self.accept_stored(request_id, stored);
-        if ended_before {
-            // The client already has the whole request.
-            self.finish(request_id);
+        self.pending.remove(request_id);
+        if let Some(end) = page.ended.filter(|end| *end <= cursor) {
+            // The client (or this reader) already has the whole request.
+            self.finish_at(request_id, cursor);
+            return Ok(if after_seq > end { vec![past_end_notice(request_id, end)] } else { Vec::new() });
         }
-        Ok(out)
+        if self.tracks.contains_key(request_id) {
+            self.opened.retain(|id| id != request_id);
+            self.opened.push_back(request_id.to_owned());
+        } else {
+            self.left.remove(request_id);
+            self.open(request_id, 0);
+        }
+        let track = self.tracks.get_mut(request_id).expect("opened above");
+        track.sent = cursor;
+        track.past_end = after_seq > page.last_seq;
+        track.seen = track.seen.max(page.last_seq);
+        track.last_progress = Instant::now();
+        Ok(self.take_page(request_id, page))
     }
 
     /// After a pub/sub reconnect: fills every followed request from its stream.
-    pub async fn refill_all(&mut self) -> Vec<Event> {
+    pub async fn refill_all(&mut self) -> Vec<Out> {
         let ids: Vec<String> = self.tracks.keys().cloned().collect();
         let mut out = Vec::new();
         for id in ids {
@@ -170,9 +215,10 @@ impl Follower {
         out
     }
 
-    /// Requests silent past the stall timeout: read their streams once more;
-    /// those still silent are ended with `node_failed`.
-    pub async fn check_stalls(&mut self) -> Vec<Event> {
+    /// Requests whose streams stopped growing for the stall timeout: read
+    /// once more; those still silent are offered for takeover, which happens
+    /// only if their producer's lease has lapsed.
+    pub async fn check_stalls(&mut self) -> Vec<Out> {
         let now = Instant::now();
         let stalled: Vec<String> = self
             .tracks
@@ -182,60 +228,125 @@ impl Follower {
             .collect();
         let mut out = Vec::new();
         for id in stalled {
-            let found = self.fill(&id).await.unwrap_or_default();
-            if !found.is_empty() {
-                out.extend(found);
-                continue;
-            }
-            let Some(track) = self.tracks.get_mut(&id) else { continue };
-            if !track.suspect {
-                // The producer went silent: another node takes the request over (one
-                // backend wins the fence); readers give it one more stall period.
-                track.suspect = true;
-                track.last_progress = now;
-                if let Some(takeovers) = &self.takeovers {
-                    takeovers.start(&id);
+            let seen_before = self.tracks.get(&id).map_or(0, |t| t.seen);
+            let page = match self.ledger.page(&id, self.tracks.get(&id).map_or(0, |t| t.sent), PAGE).await {
+                Ok(page) => page,
+                Err(e) => {
+                    log::warn!("request_id={id} stall check: store unavailable: {e}");
+                    continue;
                 }
+            };
+            if !page.known {
+                // Expired or never stored: nothing more will come.
+                self.finish(&id);
+                out.push(Out::notice(&id, "unknown_request", "no such request, or it expired"));
                 continue;
             }
-            let seq = track.last_seq + 1;
-            let message = format!("no event from the AI node for {:?}", self.stall_timeout);
-            out.push(Event::error(&id, seq, "node_failed", message));
-            self.finish(&id);
+            let grew = page.last_seq > seen_before;
+            out.extend(self.take_page(&id, page));
+            let Some(track) = self.tracks.get_mut(&id) else { continue };
+            track.last_progress = now;
+            if !grew {
+                self.takeovers.start(&id);
+            }
         }
         out
     }
 
-    async fn fill(&mut self, request_id: &str) -> Result<Vec<Event>, RedisError> {
-        let stored = self.replay.read(request_id).await?.unwrap_or_default();
-        Ok(self.accept_stored(request_id, stored))
+    fn open(&mut self, request_id: &str, sent: u64) {
+        if self.tracks.len() >= MAX_FOLLOWED {
+            while let Some(old) = self.opened.pop_front() {
+                if let Some(track) = self.tracks.remove(&old) {
+                    // Parked: its live events are no longer passed on; a resume picks it up.
+                    self.remember(&old, track.sent);
+                    break;
+                }
+            }
+        }
+        self.left.remove(request_id);
+        self.opened.push_back(request_id.to_owned());
+        self.tracks.insert(
+            request_id.to_owned(),
+            Track { sent, seen: sent, last_progress: Instant::now(), past_end: false },
+        );
     }
 
-    fn accept_stored(&mut self, request_id: &str, mut stored: Vec<Event>) -> Vec<Event> {
-        stored.sort_by_key(|e| e.seq);
-        stored.retain(|e| e.request_id == request_id);
-        self.accept(stored)
+    fn remember(&mut self, request_id: &str, sent: u64) {
+        if self.left.insert(request_id.to_owned(), sent).is_none() {
+            self.left_order.push_back(request_id.to_owned());
+            if self.left_order.len() > LEFT_MEMORY {
+                if let Some(old) = self.left_order.pop_front() {
+                    self.left.remove(&old);
+                    self.forgot = true;
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, request_id: &str) {
+        let sent = self.tracks.get(request_id).map_or(0, |t| t.sent);
+        self.finish_at(request_id, sent);
+    }
+
+    fn finish_at(&mut self, request_id: &str, sent: u64) {
+        self.tracks.remove(request_id);
+        self.behind.retain(|id| id != request_id);
+        self.remember(request_id, sent);
+    }
+
+    async fn fill(&mut self, request_id: &str) -> Result<Vec<Out>, chat_wire::redis_conn::RedisError> {
+        let Some(sent) = self.tracks.get(request_id).map(|t| t.sent) else { return Ok(Vec::new()) };
+        let page = self.ledger.page(request_id, sent, PAGE).await?;
+        Ok(self.take_page(request_id, page))
+    }
+
+    /// Passes on the stored events that continue the track; notes a full page
+    /// as behind (more to read) and the progress the page shows.
+    fn take_page(&mut self, request_id: &str, page: Page) -> Vec<Out> {
+        let full = page.events.len() >= PAGE;
+        if let Some(track) = self.tracks.get_mut(request_id) {
+            if page.last_seq > track.seen {
+                track.seen = page.last_seq;
+                track.last_progress = Instant::now();
+            }
+        }
+        let first = page.events.first().map(|e| e.seq);
+        let sent = self.tracks.get(request_id).map_or(0, |t| t.sent);
+        if first.is_some_and(|seq| seq > sent + 1) {
+            // Only trimming can open a gap in a stream, and answers are cut
+            // before the trim length: say so rather than skip.
+            self.finish(request_id);
+            return vec![Out::notice(request_id, "events_trimmed", "the stored events of this request were trimmed")];
+        }
+        let out = self.accept(request_id, page.events);
+        if full && self.tracks.contains_key(request_id) && !self.behind.iter().any(|id| id == request_id) {
+            self.behind.push_back(request_id.to_owned());
+        }
+        out
     }
 
     /// Passes on the contiguous run of events that continues the track.
-    fn accept(&mut self, events: Vec<Event>) -> Vec<Event> {
-        let Some(first) = events.first() else { return Vec::new() };
-        let id = first.request_id.clone();
-        let Some(track) = self.tracks.get_mut(&id) else { return Vec::new() };
+    fn accept(&mut self, request_id: &str, events: Vec<Event>) -> Vec<Out> {
+        let Some(track) = self.tracks.get_mut(request_id) else { return Vec::new() };
         let mut out = Vec::new();
+        let mut ended = false;
         for e in events {
-            if e.seq == track.last_seq + 1 {
-                track.last_seq = e.seq;
-                out.push(e);
+            if e.request_id == request_id && e.seq == track.sent + 1 {
+                track.sent = e.seq;
+                ended = e.is_terminal();
+                out.push(Out::Event(e));
+                if ended {
+                    break;
+                }
             }
         }
-        if !out.is_empty() {
-            track.last_progress = Instant::now();
-            track.suspect = false;
-        }
-        if out.last().is_some_and(|e| e.is_terminal()) {
-            self.finish(&id);
+        if ended {
+            self.finish(request_id);
         }
         out
     }
+}
+
+fn past_end_notice(request_id: &str, end: u64) -> Out {
+    Out::notice(request_id, "resume_past_end", format!("the request ended at seq {end}, before the after_seq asked for"))
 }

@@ -53,6 +53,9 @@ pub struct Hub {
     /// The current connection's command half; `None` while disconnected.
     sink: tokio::sync::Mutex<Option<PubSubSink>>,
     next_id: AtomicU64,
+    /// A SUBSCRIBE failed on a connection that stays up: the connection task
+    /// drops it and reconnects, which subscribes every session again.
+    reconnect: tokio::sync::Notify,
     queue: usize,
     metrics: Arc<Metrics>,
 }
@@ -86,6 +89,7 @@ impl Hub {
             readers: Mutex::new(HashMap::new()),
             sink: tokio::sync::Mutex::new(None),
             next_id: AtomicU64::new(1),
+            reconnect: tokio::sync::Notify::new(),
             queue,
             metrics,
         });
@@ -111,8 +115,10 @@ impl Hub {
             if let Some(s) = sink.as_mut() {
                 let channel = keys::session_channel(session_id);
                 if let Err(e) = bounded(s.subscribe(&channel)).await {
-                    // The connection task re-subscribes every attached session when it reconnects.
-                    log::warn!("subscribe {channel} failed: {e}");
+                    // Reconnect: the new connection subscribes every attached
+                    // session, and readers refill what passed meanwhile.
+                    log::warn!("subscribe {channel} failed, reconnecting: {e}");
+                    self.reconnect.notify_one();
                 }
             }
         }
@@ -207,7 +213,14 @@ impl Hub {
                 self.broadcast_refill();
             }
             first = false;
-            while let Some(msg) = stream.next().await {
+            loop {
+                let msg = tokio::select! {
+                    msg = stream.next() => match msg {
+                        Some(msg) => msg,
+                        None => break,
+                    },
+                    _ = self.reconnect.notified() => break,
+                };
                 let channel = msg.get_channel_name().to_owned();
                 let Ok(payload) = msg.get_payload::<String>() else { continue };
                 let Ok(event) = Event::from_json(&payload) else {
@@ -218,7 +231,7 @@ impl Hub {
                     self.deliver(session, Delivery::Event(Arc::new(event)));
                 }
             }
-            log::warn!("pub/sub connection lost; reconnecting");
+            log::warn!("pub/sub connection lost or a subscription failed; reconnecting");
             *self.sink.lock().await = None;
         }
     }

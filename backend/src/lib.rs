@@ -12,6 +12,7 @@ pub mod hub;
 pub mod limits;
 pub mod metrics;
 pub mod nodes;
+pub mod reader;
 pub mod takeover;
 pub mod ws;
 

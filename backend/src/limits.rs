@@ -7,8 +7,17 @@ use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::time::Duration;
 
+/// Resume frames per second of one session (all its sockets on this
+/// backend), and the burst a reconnecting client may spend at once.
+const SESSION_RESUMES_PER_SEC: f64 = 20.0;
+const SESSION_RESUME_BURST: u32 = 100;
+/// The same for one socket.
+pub const SOCKET_RESUMES_PER_SEC: f64 = 10.0;
+pub const SOCKET_RESUME_BURST: u32 = 50;
+
 pub struct Limits {
     sessions: DefaultKeyedRateLimiter<String>,
+    resumes: DefaultKeyedRateLimiter<String>,
     ips: DefaultKeyedRateLimiter<IpAddr>,
     trusted: Vec<IpNet>,
 }
@@ -20,7 +29,7 @@ pub enum Limited {
     Ip,
 }
 
-fn quota(per_sec: f64, burst: u32) -> Quota {
+pub fn quota(per_sec: f64, burst: u32) -> Quota {
     Quota::with_period(Duration::from_secs_f64(1.0 / per_sec))
         .expect("the rate is checked positive")
         .allow_burst(NonZeroU32::new(burst).expect("the burst is checked positive"))
@@ -30,6 +39,7 @@ impl Limits {
     pub fn new(session_rate: f64, session_burst: u32, ip_rate: f64, ip_burst: u32, trusted: Vec<IpNet>) -> Limits {
         Limits {
             sessions: RateLimiter::keyed(quota(session_rate, session_burst)),
+            resumes: RateLimiter::keyed(quota(SESSION_RESUMES_PER_SEC, SESSION_RESUME_BURST)),
             ips: RateLimiter::keyed(quota(ip_rate, ip_burst)),
             trusted,
         }
@@ -41,8 +51,15 @@ impl Limits {
         self.sessions.check_key(&session_id.to_owned()).map_err(|_| Limited::Session)
     }
 
+    /// Takes one resume from the session's bucket; false when it ran dry.
+    pub fn admit_resume(&self, session_id: &str) -> bool {
+        self.resumes.check_key(&session_id.to_owned()).is_ok()
+    }
+
     /// Forgets idle buckets; call now and then so memory stays bounded.
     pub fn prune(&self) {
+        self.resumes.retain_recent();
+        self.resumes.shrink_to_fit();
         self.sessions.retain_recent();
         self.ips.retain_recent();
         self.sessions.shrink_to_fit();

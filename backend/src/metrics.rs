@@ -18,6 +18,7 @@ pub struct Metrics {
     pub events_delivered: IntCounter,
     /// Events read back from a request's stream (resume, gaps, reconnects).
     pub events_replayed: IntCounter,
+    pub resumes_limited: IntCounter,
     /// From the AI node's publish stamp to the write to the client.
     pub publish_to_socket: Histogram,
     pub pubsub_reconnects: IntCounter,
@@ -47,6 +48,8 @@ impl Metrics {
         let events_delivered = IntCounter::new("backend_events_delivered_total", "Events written to clients").unwrap();
         let events_replayed =
             IntCounter::new("backend_events_replayed_total", "Events read back from streams").unwrap();
+        let resumes_limited =
+            IntCounter::new("backend_resumes_limited_total", "Resume frames refused by a rate limit").unwrap();
         let publish_to_socket = Histogram::with_opts(
             HistogramOpts::new(
                 "backend_publish_to_socket_seconds",
@@ -58,7 +61,7 @@ impl Metrics {
         let pubsub_reconnects = IntCounter::new("backend_pubsub_reconnects_total", "Pub/sub reconnections").unwrap();
         let slow_consumers =
             IntCounter::new("backend_ws_slow_consumers_total", "Sockets closed for reading too slowly").unwrap();
-        let stalls = IntCounter::new("backend_stalled_requests_total", "Requests ended with node_failed").unwrap();
+        let stalls = IntCounter::new("backend_stalled_requests_total", "Requests ended with a stored node_failed").unwrap();
         let takeovers =
             IntCounterVec::new(Opts::new("backend_takeovers_total", "Mid-stream takeovers by outcome"), &["outcome"])
                 .unwrap();
@@ -70,6 +73,7 @@ impl Metrics {
             Box::new(ws_active.clone()),
             Box::new(events_delivered.clone()),
             Box::new(events_replayed.clone()),
+            Box::new(resumes_limited.clone()),
             Box::new(publish_to_socket.clone()),
             Box::new(pubsub_reconnects.clone()),
             Box::new(slow_consumers.clone()),
@@ -87,6 +91,7 @@ impl Metrics {
             ws_active,
             events_delivered,
             events_replayed,
+            resumes_limited,
             publish_to_socket,
             pubsub_reconnects,
             slow_consumers,

@@ -1,15 +1,20 @@
-//! Mid-stream takeover: when a request's events stop (its AI node died), one
-//! backend fences the request at the next epoch and sends it to another node,
+//! Mid-stream takeover: when a request's events stop and its producer's lease
+//! has lapsed (its AI node died or is paused), one backend fences the request
+//! at the next epoch and sends it to another node,
 //! which continues the answer after the text already streamed, with `seq`
 //! continuing. Readers see no gap and no repeat. When no node can take it,
 //! the request is ended for everyone with a stored `node_failed` error.
 
 use crate::metrics::Metrics;
 use crate::nodes::{AiPool, DispatchError, NodeChat, TakeoverBody};
-use chat_wire::ledger::Ledger;
+use chat_wire::ledger::{Emitted, Fence, Ledger};
 use chat_wire::{Event, EventKind};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+
+/// Producers one answer may have (the first and its successors); past it the
+/// answer ends with `node_failed` rather than hopping from node to node.
+const MAX_PRODUCERS: u64 = 4;
 
 pub struct Takeovers {
     ledger: Arc<Ledger>,
@@ -39,32 +44,44 @@ impl Takeovers {
     }
 
     async fn take_over(&self, request_id: &str) -> &'static str {
-        let (record, stored) = match (self.ledger.record(request_id).await, self.ledger.read(request_id).await) {
-            (Ok(Some(record)), Ok(stored)) => (record, stored.unwrap_or_default()),
-            (Ok(None), _) => return "unknown",
-            (Err(e), _) | (_, Err(e)) => {
+        let record = match self.ledger.record(request_id).await {
+            Ok(Some(record)) => record,
+            Ok(None) => return "unknown",
+            Err(e) => {
                 log::warn!("request_id={request_id} takeover: store unavailable: {e}");
                 return "store_unavailable";
             }
         };
-        let mut stored = stored;
-        stored.sort_by_key(|e| e.seq);
-        if stored.iter().any(|e| e.is_terminal()) {
-            return "already_ended";
-        }
-        let after_seq = stored.last().map_or(0, |e| e.seq);
-        let text: String =
-            stored.iter().filter(|e| e.kind == EventKind::Chunk).filter_map(|e| e.delta.as_deref()).collect();
+        // The fence comes first: it holds only once the producer's lease has
+        // lapsed, and after it nothing of an older epoch can be stored, so
+        // what is read next is final.
         let epoch = match self.ledger.fence(request_id, record.epoch).await {
-            Ok(Ok(epoch)) => epoch,
-            Ok(Err(_)) => return "lost_race",
+            Ok(Fence::Won(epoch)) => epoch,
+            Ok(Fence::ProducerAlive) => return "producer_alive",
+            Ok(Fence::Ended) => return "already_ended",
+            Ok(Fence::Moved(_)) => return "lost_race",
             Err(e) => {
                 log::warn!("request_id={request_id} takeover: fence failed: {e}");
                 return "store_unavailable";
             }
         };
+        let stored = match self.ledger.read(request_id).await {
+            Ok(stored) => stored.unwrap_or_default(),
+            Err(e) => {
+                // Fenced without a producer: the next stall check fences again.
+                log::warn!("request_id={request_id} takeover: store unavailable after the fence: {e}");
+                return "store_unavailable";
+            }
+        };
+        let after_seq = stored.last().map_or(0, |e| e.seq);
+        if epoch > MAX_PRODUCERS {
+            self.fail(request_id, &record.session_id, epoch, after_seq, format!("{MAX_PRODUCERS} AI nodes in turn stopped producing this answer")).await;
+            return "gave_up";
+        }
+        let text: String =
+            stored.iter().filter(|e| e.kind == EventKind::Chunk).filter_map(|e| e.delta.as_deref()).collect();
         log::warn!(
-            "request_id={request_id} node {} went silent after seq {after_seq}; taking over at epoch {epoch}",
+            "request_id={request_id} the lease of node {} lapsed after seq {after_seq}; taking over at epoch {epoch}",
             record.node
         );
         let chat = NodeChat {
@@ -82,19 +99,23 @@ impl Takeovers {
             Err(DispatchError::Rejected { status: 409, .. }) => "lost_race",
             Err(e) => {
                 log::warn!("request_id={request_id} takeover failed: {e}");
-                let mut failed = Event::error(
-                    request_id,
-                    after_seq + 1,
-                    "node_failed",
-                    format!("the AI node died and no other could continue: {e}"),
-                );
-                failed.epoch = Some(epoch);
-                failed.ts_us = Some(chat_wire::now_micros());
-                if let Err(e) = self.ledger.emit(&record.session_id, &failed).await {
-                    log::warn!("request_id={request_id} could not store node_failed: {e}");
-                }
+                let why = format!("the AI node stopped and no other could continue: {e}");
+                self.fail(request_id, &record.session_id, epoch, after_seq, why).await;
                 "failed"
             }
+        }
+    }
+
+    /// Stores the `node_failed` end at the fenced epoch; refused (harmlessly)
+    /// if a node adopted the epoch after all.
+    async fn fail(&self, request_id: &str, session_id: &str, epoch: u64, after_seq: u64, why: String) {
+        let mut failed = Event::error(request_id, after_seq + 1, "node_failed", why);
+        failed.epoch = Some(epoch);
+        failed.ts_us = Some(chat_wire::now_micros());
+        match self.ledger.emit(session_id, &failed).await {
+            Ok(Emitted::Published) => self.metrics.stalls.inc(),
+            Ok(Emitted::Fenced) => log::info!("request_id={request_id} a node adopted epoch {epoch} after all"),
+            Err(e) => log::warn!("request_id={request_id} could not store node_failed: {e}"),
         }
     }
 }

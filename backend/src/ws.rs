@@ -1,14 +1,16 @@
 //! `GET /ws/chat?session_id=...`: one client socket.
 //!
-//! One task per socket runs a `select!` over the client's frames, the hub's
-//! deliveries, finished dispatches, a stall tick, a ping tick and shutdown.
+//! One task per socket runs a `select!` over the client's frames, its
+//! `Reader` (the hub's deliveries, stall checks, stored pages; shared with
+//! SSE), finished dispatches, a ping tick and shutdown.
 //! Dispatches run in their own tasks so a slow AI node never blocks the
 //! stream of another request on the same socket.
 
 use crate::api::{start_chat, ChatBody};
-use crate::follow::{Follower, ResumeError};
-use crate::hub::Delivery;
+use crate::follow::{Out, ResumeError};
+use crate::limits::{quota, SOCKET_RESUMES_PER_SEC, SOCKET_RESUME_BURST};
 use crate::nodes::Accepted;
+use crate::reader::{Reader, TooSlow};
 use crate::App;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
@@ -16,6 +18,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chat_wire::Event;
 use futures::{SinkExt, StreamExt};
+use governor::{DefaultDirectRateLimiter, RateLimiter};
 use serde::Deserialize;
 use serde_json::json;
 use std::net::{IpAddr, SocketAddr};
@@ -115,21 +118,19 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr)
     app.metrics.ws_active.inc();
     let _active = Active(app.clone());
     let (mut tx, mut rx) = socket.split();
-    let mut attachment = app.hub.attach(&session_id).await;
-    let mut follower = Follower::new(app.ledger.clone(), Some(app.takeovers.clone()), app.config.stall_timeout);
+    let mut reader = Reader::attach(&app, &session_id).await;
     // Boxed: a channel allocates a block of 32 slots up front, and every
     // socket has one (an unboxed slot is ~90 bytes, ~3 KB per idle socket).
     let (done_tx, mut done_rx) = mpsc::channel::<Box<(String, Result<Accepted, crate::api::ApiError>)>>(MAX_DISPATCHING);
     let mut dispatching = 0usize;
-    let mut stall_tick = tokio::time::interval(crate::STALL_TICK);
+    let mut resumes: Option<Box<DefaultDirectRateLimiter>> = None;
     let mut ping_tick = tokio::time::interval(app.config.ws_ping_interval);
     let mut last_heard = Instant::now();
     let shutdown = app.shutdown.clone();
 
     let close = loop {
         // Everything to send in this turn, in order.
-        let mut out: Vec<String> = Vec::new();
-        let mut events: Vec<Event> = Vec::new();
+        let mut out: Vec<Outgoing> = Vec::new();
         tokio::select! {
             frame = rx.next() => {
                 last_heard = Instant::now();
@@ -159,7 +160,7 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr)
                                 out.push(error_frame(None, "rate_limited", "too many chats in flight on this socket"));
                             } else {
                                 let request_id = chat_wire::new_request_id();
-                                follower.expect(&request_id);
+                                reader.follower.expect(&request_id);
                                 dispatching += 1;
                                 let body = ChatBody { session_id: session_id.clone(), message, user_id };
                                 let (app, done_tx) = (app.clone(), done_tx.clone());
@@ -170,13 +171,19 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr)
                             }
                         }
                         Ok(ClientFrame::Resume { request_id, after_seq }) => {
+                            let socket_bucket = resumes.get_or_insert_with(|| {
+                                Box::new(RateLimiter::direct(quota(SOCKET_RESUMES_PER_SEC, SOCKET_RESUME_BURST)))
+                            });
                             if let Err(e) = chat_wire::validate_id("request_id", &request_id) {
                                 out.push(invalid_frame(&e.to_string()));
+                            } else if socket_bucket.check().is_err() || !app.limits.admit_resume(&session_id) {
+                                app.metrics.resumes_limited.inc();
+                                out.push(error_frame(Some(&request_id), "rate_limited", "too many resume frames; slow down"));
                             } else {
-                                match follower.resume(&request_id, after_seq).await {
+                                match reader.follower.resume(&request_id, after_seq).await {
                                     Ok(replayed) => {
                                         app.metrics.events_replayed.inc_by(replayed.len() as u64);
-                                        events = replayed;
+                                        out.extend(replayed.into_iter().map(Outgoing::from));
                                     }
                                     Err(ResumeError::UnknownRequest) => out.push(error_frame(Some(&request_id), "unknown_request", "no such request, or it expired")),
                                     Err(ResumeError::StoreUnavailable) => out.push(error_frame(Some(&request_id), "store_unavailable", "the event store is unreachable; try again")),
@@ -186,10 +193,9 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr)
                     },
                 }
             }
-            delivery = attachment.rx.recv() => match delivery {
-                Some(Delivery::Event(e)) => events = follower.on_live(&e).await,
-                Some(Delivery::Refill) => events = follower.refill_all().await,
-                None => {
+            wake = reader.wake() => match reader.handle(wake).await {
+                Ok(events) => out.extend(events.into_iter().map(Outgoing::from)),
+                Err(TooSlow) => {
                     log::warn!("session_id={session_id} socket too slow; closing");
                     break Some((close::TRY_AGAIN_LATER, "reader too slow; reconnect and resume"));
                 }
@@ -200,41 +206,37 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr)
                 match result {
                     Ok(accepted) => {
                         log::info!("request_id={request_id} session_id={session_id} node={} ws", accepted.node_url);
-                        out.push(json!({"type": "accepted", "request_id": request_id, "node": accepted.node_url, "node_id": accepted.node_id, "backend": app.config.backend_id}).to_string());
-                        events = follower.start(&request_id).await;
+                        out.push(Outgoing::Frame(json!({"type": "accepted", "request_id": request_id, "node": accepted.node_url, "node_id": accepted.node_id, "backend": app.config.backend_id}).to_string()));
+                        out.extend(reader.follower.start(&request_id).await.into_iter().map(Outgoing::from));
                     }
                     Err(e) => {
-                        follower.forget(&request_id);
+                        reader.follower.forget(&request_id);
                         out.push(error_frame(Some(&request_id), e.code, &e.message));
                     }
                 }
-            }
-            _ = stall_tick.tick() => {
-                events = follower.check_stalls().await;
-                app.metrics.stalls.inc_by(events.iter().filter(|e| e.code.as_deref() == Some("node_failed")).count() as u64);
             }
             _ = ping_tick.tick() => {
                 if last_heard.elapsed() > app.config.ws_client_timeout {
                     break Some((close::GOING_AWAY, "no frame from the client in time"));
                 }
-                out.push(String::new()); // a ping; see below
+                out.push(Outgoing::Ping);
             }
             _ = shutdown.cancelled() => break Some((close::GOING_AWAY, "server shutting down")),
         }
-        let mut messages: Vec<Message> = out
-            .into_iter()
-            .map(|s| if s.is_empty() { Message::Ping(Default::default()) } else { Message::Text(Utf8Bytes::from(s)) })
-            .collect();
-        for e in &events {
-            app.metrics.observe_delivery(e.ts_us);
-        }
-        messages.extend(events.iter().map(|e| Message::Text(Utf8Bytes::from(e.to_json()))));
-        if messages.is_empty() {
+        if out.is_empty() {
             continue;
         }
         let send_all = async {
-            for m in messages {
-                tx.feed(m).await?;
+            for o in out {
+                let message = match o {
+                    Outgoing::Ping => Message::Ping(Default::default()),
+                    Outgoing::Frame(text) => Message::Text(Utf8Bytes::from(text)),
+                    Outgoing::Event(e) => {
+                        app.metrics.observe_delivery(e.ts_us);
+                        Message::Text(Utf8Bytes::from(e.to_json()))
+                    }
+                };
+                tx.feed(message).await?;
             }
             tx.flush().await
         };
@@ -266,14 +268,33 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr)
     }
 }
 
-fn error_frame(request_id: Option<&str>, code: &str, message: &str) -> String {
-    match request_id {
-        Some(id) => json!({"type": "error", "request_id": id, "code": code, "message": message}),
-        None => json!({"type": "error", "code": code, "message": message}),
-    }
-    .to_string()
+/// One frame to send to the client.
+enum Outgoing {
+    Ping,
+    /// A JSON text frame made here (`accepted`, a socket-level `error`).
+    Frame(String),
+    Event(Event),
 }
 
-fn invalid_frame(message: &str) -> String {
+impl From<Out> for Outgoing {
+    fn from(out: Out) -> Outgoing {
+        match out {
+            Out::Event(e) => Outgoing::Event(e),
+            Out::Notice { request_id, code, message } => error_frame(Some(&request_id), code, &message),
+        }
+    }
+}
+
+fn error_frame(request_id: Option<&str>, code: &str, message: &str) -> Outgoing {
+    Outgoing::Frame(
+        match request_id {
+            Some(id) => json!({"type": "error", "request_id": id, "code": code, "message": message}),
+            None => json!({"type": "error", "code": code, "message": message}),
+        }
+        .to_string(),
+    )
+}
+
+fn invalid_frame(message: &str) -> Outgoing {
     error_frame(None, "invalid_frame", message)
 }

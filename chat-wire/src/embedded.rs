@@ -4,7 +4,7 @@
 //! Redis layout. It only works when the AI nodes and the backends share one
 //! process (the `cluster` binary); Redis is the real thing.
 
-use crate::ledger::RequestRecord;
+use crate::ledger::{Fence, Page, RequestRecord, NO_PRODUCER};
 use crate::Event;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -30,10 +30,24 @@ pub struct EmbeddedBus {
     ttl: Duration,
 }
 
+/// A claimed request, as the Redis claim hash and lease key hold it.
+struct Claim {
+    record: RequestRecord,
+    lease_until: Option<Instant>,
+    last: u64,
+    ended: Option<u64>,
+}
+
+impl Claim {
+    fn lease_alive(&self) -> bool {
+        self.lease_until.is_some_and(|t| t > Instant::now())
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     logs: HashMap<String, (VecDeque<Event>, Instant)>,
-    claims: HashMap<String, (RequestRecord, Instant)>,
+    claims: HashMap<String, (Claim, Instant)>,
     histories: HashMap<String, (VecDeque<String>, Instant)>,
     emits: u64,
 }
@@ -45,72 +59,118 @@ impl EmbeddedBus {
         Arc::new(EmbeddedBus { inner: Mutex::new(Inner::default()), live, max_len, ttl })
     }
 
-    /// Claims a request for `record.node` at epoch 1; returns the holder when it was already claimed.
-    pub fn claim(&self, request_id: &str, record: &RequestRecord) -> Option<String> {
+    /// Claims a request for `record.node` at epoch 1 with a lease; returns the holder when it was already claimed.
+    pub fn claim(&self, request_id: &str, record: &RequestRecord, lease: Duration) -> Option<String> {
         let mut inner = self.inner.lock().unwrap();
         let now = Instant::now();
         match inner.claims.get(request_id) {
-            Some((held, expires)) if *expires > now => Some(held.node.clone()),
+            Some((held, expires)) if *expires > now => Some(held.record.node.clone()),
             _ => {
-                inner
-                    .claims
-                    .insert(request_id.to_owned(), (RequestRecord { epoch: 1, ..record.clone() }, now + self.ttl));
+                let claim = Claim {
+                    record: RequestRecord { epoch: 1, ..record.clone() },
+                    lease_until: Some(now + lease),
+                    last: 0,
+                    ended: None,
+                };
+                inner.claims.insert(request_id.to_owned(), (claim, now + self.ttl));
                 None
             }
         }
     }
 
-    /// Moves the request from `expected` to the next epoch; `Err(current)` when it is not at `expected`.
-    pub fn fence(&self, request_id: &str, expected: u64) -> Result<u64, u64> {
+    /// Moves the request from `expected` to the next epoch once its producer's lease has lapsed.
+    pub fn fence(&self, request_id: &str, expected: u64) -> Fence {
         let mut inner = self.inner.lock().unwrap();
         match inner.claims.get_mut(request_id) {
-            Some((record, _)) if record.epoch == expected => {
-                record.epoch += 1;
-                record.node = "takeover".into();
-                Ok(record.epoch)
+            None => Fence::Moved(0),
+            Some((claim, _)) if claim.ended.is_some() => Fence::Ended,
+            Some((claim, _)) if claim.record.epoch != expected => Fence::Moved(claim.record.epoch),
+            Some((claim, _)) if claim.lease_alive() => Fence::ProducerAlive,
+            Some((claim, _)) => {
+                claim.record.epoch += 1;
+                claim.record.node = NO_PRODUCER.into();
+                claim.lease_until = None;
+                Fence::Won(claim.record.epoch)
             }
-            Some((record, _)) => Err(record.epoch),
-            None => Err(0),
         }
     }
 
-    /// Takes over the request at `epoch` for `node`; false when the epoch moved on.
-    pub fn adopt(&self, request_id: &str, epoch: u64, node: &str) -> bool {
+    /// Takes the fenced request over at `epoch` for `node`; false when the
+    /// epoch moved on, the request ended, or another node adopted it.
+    pub fn adopt(&self, request_id: &str, epoch: u64, node: &str, lease: Duration) -> bool {
         let mut inner = self.inner.lock().unwrap();
         match inner.claims.get_mut(request_id) {
-            Some((record, _)) if record.epoch == epoch => {
-                record.node = node.to_owned();
+            Some((claim, _))
+                if claim.record.epoch == epoch
+                    && claim.ended.is_none()
+                    && (claim.record.node == NO_PRODUCER || claim.record.node == node) =>
+            {
+                claim.record.node = node.to_owned();
+                claim.lease_until = Some(Instant::now() + lease);
                 true
             }
             _ => false,
         }
     }
 
+    /// Renews the lease of `node` at `epoch`; false when it no longer produces the request.
+    pub fn renew(&self, request_id: &str, epoch: u64, node: &str, lease: Duration) -> bool {
+        let mut inner = self.inner.lock().unwrap();
+        let ttl = self.ttl;
+        let renewed = match inner.claims.get_mut(request_id) {
+            Some((claim, expires))
+                if claim.record.epoch == epoch && claim.record.node == node && claim.ended.is_none() =>
+            {
+                let now = Instant::now();
+                claim.lease_until = Some(now + lease);
+                *expires = now + ttl;
+                true
+            }
+            _ => false,
+        };
+        if renewed {
+            if let Some((_, until)) = inner.logs.get_mut(request_id) {
+                *until = Instant::now() + ttl;
+            }
+        }
+        renewed
+    }
+
     /// What was asked, by whom it is produced, at which epoch.
     pub fn record(&self, request_id: &str) -> Option<RequestRecord> {
-        self.inner.lock().unwrap().claims.get(request_id).map(|(r, _)| r.clone())
+        self.inner.lock().unwrap().claims.get(request_id).map(|(c, _)| c.record.clone())
     }
 
     /// Appends `event` to its request's log, then publishes it to the session's
-    /// readers; refused (false) when the event's epoch is not the request's.
+    /// readers; refused (false) unless its producer and epoch own the request
+    /// and its `seq` follows the last stored one.
     pub fn emit(&self, session_id: &str, event: &Event) -> bool {
         {
             let mut inner = self.inner.lock().unwrap();
-            if let (Some((record, _)), Some(epoch)) = (inner.claims.get(&event.request_id), event.epoch) {
-                if record.epoch != epoch {
-                    return false;
-                }
-            }
             let expires = Instant::now() + self.ttl;
+            let producer = event.node.as_deref().unwrap_or(NO_PRODUCER);
+            match inner.claims.get_mut(&event.request_id) {
+                Some((claim, until))
+                    if Some(claim.record.epoch) == event.epoch
+                        && claim.record.node == producer
+                        && claim.ended.is_none()
+                        && event.seq == claim.last + 1 =>
+                {
+                    claim.last = event.seq;
+                    if event.is_terminal() {
+                        claim.ended = Some(event.seq);
+                        claim.lease_until = None;
+                    }
+                    *until = expires;
+                }
+                _ => return false,
+            }
             let (log, until) = inner.logs.entry(event.request_id.clone()).or_insert_with(|| (VecDeque::new(), expires));
             log.push_back(event.clone());
             while log.len() > self.max_len {
                 log.pop_front();
             }
             *until = expires;
-            if let Some(claim) = inner.claims.get_mut(&event.request_id) {
-                claim.1 = expires;
-            }
             inner.emits += 1;
             if inner.emits.is_multiple_of(SWEEP_EVERY) {
                 inner.sweep();
@@ -121,14 +181,23 @@ impl EmbeddedBus {
         true
     }
 
-    /// Every stored event of `request_id`; `None` when there is no such log.
-    pub fn read(&self, request_id: &str) -> Option<Vec<Event>> {
+    /// Up to `count` stored events with `seq > after_seq`, and where the request stands.
+    pub fn page(&self, request_id: &str, after_seq: u64, count: usize) -> Page {
         let inner = self.inner.lock().unwrap();
-        inner
+        let now = Instant::now();
+        let events: Vec<Event> = inner
             .logs
             .get(request_id)
-            .filter(|(_, until)| *until > Instant::now())
-            .map(|(log, _)| log.iter().cloned().collect())
+            .filter(|(_, until)| *until > now)
+            .map(|(log, _)| log.iter().filter(|e| e.seq > after_seq).take(count).cloned().collect())
+            .unwrap_or_default();
+        let claim = inner.claims.get(request_id).filter(|(_, until)| *until > now).map(|(c, _)| c);
+        Page {
+            known: claim.is_some() || !events.is_empty(),
+            last_seq: claim.map_or(0, |c| c.last).max(events.last().map_or(0, |e| e.seq)),
+            ended: claim.and_then(|c| c.ended).or_else(|| events.iter().find(|e| e.is_terminal()).map(|e| e.seq)),
+            events,
+        }
     }
 
     /// Every live event of every session, from now on.
@@ -168,40 +237,54 @@ impl Inner {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn emitted_events_are_stored_before_they_are_seen_live() {
-        let bus = EmbeddedBus::new(3, Duration::from_secs(60));
-        let mut live = bus.subscribe();
-        for seq in 1..=4 {
-            assert!(bus.emit("s", &Event::chunk("r", seq, "x")));
-        }
-        let (session, first) = live.recv().await.unwrap();
-        assert_eq!((session.as_str(), first.seq), ("s", 1));
-        let stored: Vec<u64> = bus.read("r").unwrap().iter().map(|e| e.seq).collect();
-        assert_eq!(stored, [2, 3, 4], "the log is capped at max_len");
-        assert!(bus.read("other").is_none());
-    }
+    const LEASE: Duration = Duration::from_millis(50);
 
     fn record(node: &str) -> RequestRecord {
         RequestRecord { session_id: "s".into(), message: "m".into(), user_id: None, node: node.into(), epoch: 0 }
     }
 
+    fn by(node: &str, epoch: u64, e: Event) -> Event {
+        Event { node: Some(node.into()), epoch: Some(epoch), ..e }
+    }
+
+    #[tokio::test]
+    async fn emitted_events_are_stored_before_they_are_seen_live() {
+        let bus = EmbeddedBus::new(3, Duration::from_secs(60));
+        let mut live = bus.subscribe();
+        assert_eq!(bus.claim("r", &record("ai-1"), LEASE), None);
+        for seq in 1..=4 {
+            assert!(bus.emit("s", &by("ai-1", 1, Event::chunk("r", seq, "x"))));
+        }
+        let (session, first) = live.recv().await.unwrap();
+        assert_eq!((session.as_str(), first.seq), ("s", 1));
+        let stored: Vec<u64> = bus.page("r", 0, 10).events.iter().map(|e| e.seq).collect();
+        assert_eq!(stored, [2, 3, 4], "the log is capped at max_len");
+        assert_eq!(bus.page("r", 2, 1).events.len(), 1, "pages start after the cursor");
+        assert!(!bus.page("other", 0, 10).known);
+    }
+
     #[test]
-    fn a_request_is_claimed_once_and_fenced_epochs_cannot_emit() {
+    fn a_request_is_claimed_once_and_taken_over_only_after_its_lease_lapsed() {
         let bus = EmbeddedBus::new(10, Duration::from_secs(60));
-        assert_eq!(bus.claim("r", &record("ai-1")), None);
-        assert_eq!(bus.claim("r", &record("ai-2")), Some("ai-1".to_owned()));
-        let mut old = Event::chunk("r", 1, "a");
-        old.epoch = Some(1);
-        assert!(bus.emit("s", &old));
-        assert_eq!(bus.fence("r", 1), Ok(2));
-        assert_eq!(bus.fence("r", 1), Err(2), "only one takeover wins");
-        let mut late = Event::chunk("r", 2, "b");
-        late.epoch = Some(1);
-        assert!(!bus.emit("s", &late), "the old producer is fenced off");
-        assert!(bus.adopt("r", 2, "ai-2"));
-        late.epoch = Some(2);
-        assert!(bus.emit("s", &late));
+        assert_eq!(bus.claim("r", &record("ai-1"), LEASE), None);
+        assert_eq!(bus.claim("r", &record("ai-2"), LEASE), Some("ai-1".to_owned()));
+        assert!(bus.emit("s", &by("ai-1", 1, Event::chunk("r", 1, "a"))));
+        assert!(!bus.emit("s", &by("ai-1", 1, Event::chunk("r", 1, "a"))), "no seq is stored twice");
+        assert!(!bus.emit("s", &by("ai-1", 1, Event::chunk("r", 3, "a"))), "nor past a gap");
+        assert!(!bus.emit("s", &Event::chunk("r", 2, "a")), "an event without producer or epoch is refused");
+        assert_eq!(bus.fence("r", 1), Fence::ProducerAlive);
+        std::thread::sleep(LEASE * 2);
+        assert_eq!(bus.fence("r", 1), Fence::Won(2));
+        assert_eq!(bus.fence("r", 1), Fence::Moved(2), "only one takeover wins");
+        assert!(!bus.emit("s", &by("ai-1", 1, Event::chunk("r", 2, "b"))), "the old producer is fenced off");
+        assert!(!bus.renew("r", 1, "ai-1", LEASE), "and learns it when it renews");
+        assert!(bus.adopt("r", 2, "ai-2", LEASE));
+        assert!(!bus.adopt("r", 2, "ai-3", LEASE), "one node adopts an epoch");
+        assert!(!bus.emit("s", &by("ai-3", 2, Event::chunk("r", 2, "b"))));
+        assert!(bus.emit("s", &by("ai-2", 2, Event::done("r", 2, "stop"))));
         assert_eq!(bus.record("r").unwrap().node, "ai-2");
+        assert_eq!(bus.page("r", 0, 10).ended, Some(2));
+        assert_eq!(bus.fence("r", 2), Fence::Ended);
+        assert!(!bus.emit("s", &by("ai-2", 2, Event::chunk("r", 3, "late"))), "nothing is stored after the end");
     }
 }

@@ -19,6 +19,11 @@ pub fn request_claim(request_id: &str) -> String {
     format!("chat:req:{request_id}:claim")
 }
 
+/// Lease of a request's producer: present while the producing node is alive.
+pub fn request_lease(request_id: &str) -> String {
+    format!("chat:req:{request_id}:lease")
+}
+
 /// Bounded list of the conversation turns of one session.
 pub fn session_history(session_id: &str) -> String {
     format!("chat:session:{session_id}:history")

@@ -31,38 +31,94 @@ pub struct RequestRecord {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Emitted {
     Published,
-    /// The event's epoch is no longer the request's: another producer owns it.
+    /// Refused: the event's producer no longer owns the request (another epoch,
+    /// another node, the request already ended or was never claimed), or its
+    /// `seq` does not follow the last stored one.
     Fenced,
 }
+
+/// The outcome of `fence`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fence {
+    /// The request is at this new epoch, produced by nobody until a node adopts it.
+    Won(u64),
+    /// The request is not at the expected epoch (or was never claimed: 0).
+    Moved(u64),
+    /// The producer's lease is still renewed: it is alive, only silent.
+    ProducerAlive,
+    /// The request has a stored `done` or `error`.
+    Ended,
+}
+
+/// Stored events of a request from a cursor on, one page at a time.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Page {
+    /// Events with `seq` above the cursor, in order, at most the page size.
+    pub events: Vec<Event>,
+    /// The request was claimed (or has stored events): it exists.
+    pub known: bool,
+    /// The last stored `seq` (0 when none).
+    pub last_seq: u64,
+    /// The `seq` of the stored `done`/`error`, when the request has ended.
+    pub ended: Option<u64>,
+}
+
+/// Events read per round trip (`XRANGE ... COUNT`).
+pub const PAGE: usize = 256;
+
+/// The node a backend-made event (an `error` after a failed takeover) is stored for.
+pub const NO_PRODUCER: &str = "takeover";
 
 const CLAIM: &str = r"
 local holder = redis.call('HGET', KEYS[1], 'node')
 if holder then return holder end
-redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', 1, 'session', ARGV[2], 'message', ARGV[3], 'user', ARGV[4])
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', 1, 'session', ARGV[2], 'message', ARGV[3], 'user', ARGV[4], 'last', 0)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[6])
 return false
 ";
 
 const FENCE: &str = r"
-local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
+local c = redis.call('HMGET', KEYS[1], 'epoch', 'ended')
+if not c[1] then return {0, 0} end
+local epoch = tonumber(c[1])
+if c[2] then return {3, epoch} end
 if epoch ~= tonumber(ARGV[1]) then return {0, epoch} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {2, epoch} end
 redis.call('HSET', KEYS[1], 'epoch', epoch + 1, 'node', 'takeover')
 return {1, epoch + 1}
 ";
 
 const ADOPT: &str = r"
-local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
-if epoch ~= tonumber(ARGV[1]) then return 0 end
+local c = redis.call('HMGET', KEYS[1], 'epoch', 'node', 'ended')
+if not c[1] or c[3] or tonumber(c[1]) ~= tonumber(ARGV[1]) then return 0 end
+if c[2] ~= 'takeover' and c[2] ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'node', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return 1
+";
+
+const RENEW: &str = r"
+local c = redis.call('HMGET', KEYS[1], 'epoch', 'node', 'ended')
+if not c[1] or c[3] or tonumber(c[1]) ~= tonumber(ARGV[1]) or c[2] ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
 return 1
 ";
 
 const EMIT: &str = r"
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if epoch and ARGV[1] ~= '' and tonumber(epoch) ~= tonumber(ARGV[1]) then return 0 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'seq', ARGV[2], 'event', ARGV[3])
+local c = redis.call('HMGET', KEYS[1], 'epoch', 'node', 'ended', 'last')
+if not c[1] or c[3] or tonumber(c[1]) ~= tonumber(ARGV[1]) or c[2] ~= ARGV[7] then return 0 end
+if tonumber(ARGV[2]) ~= tonumber(c[4] or '0') + 1 then return 2 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], ARGV[2] .. '-0', 'seq', ARGV[2], 'event', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
-if epoch then redis.call('EXPIRE', KEYS[1], ARGV[6]) end
+redis.call('HSET', KEYS[1], 'last', ARGV[2])
+if ARGV[8] == '1' then
+  redis.call('HSET', KEYS[1], 'ended', ARGV[2])
+  redis.call('DEL', KEYS[3])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('PUBLISH', ARGV[4], ARGV[3])
 return 1
 ";
@@ -77,6 +133,10 @@ pub enum Ledger {
         ttl: Duration,
     },
     Embedded(Arc<EmbeddedBus>),
+}
+
+fn millis(d: Duration) -> String {
+    d.as_millis().max(1).to_string()
 }
 
 impl Ledger {
@@ -114,10 +174,16 @@ impl Ledger {
         Ok(value)
     }
 
-    /// Claims `request_id` for `record.node` at epoch 1; `Some(holder)` when it was claimed before.
-    pub async fn claim(&self, request_id: &str, record: &RequestRecord) -> Result<Option<String>, RedisError> {
+    /// Claims `request_id` for `record.node` at epoch 1 with a lease of
+    /// `lease`; `Some(holder)` when it was claimed before.
+    pub async fn claim(
+        &self,
+        request_id: &str,
+        record: &RequestRecord,
+        lease: Duration,
+    ) -> Result<Option<String>, RedisError> {
         match self {
-            Ledger::Embedded(bus) => Ok(bus.claim(request_id, record)),
+            Ledger::Embedded(bus) => Ok(bus.claim(request_id, record, lease)),
             Ledger::Redis { conn, ttl, .. } => {
                 let args = vec![
                     record.node.clone(),
@@ -125,37 +191,67 @@ impl Ledger {
                     record.message.clone(),
                     record.user_id.clone().unwrap_or_default(),
                     ttl.as_secs().to_string(),
+                    millis(lease),
                 ];
-                Self::script(conn, CLAIM, &[keys::request_claim(request_id)], args).await
+                let keys = [keys::request_claim(request_id), keys::request_lease(request_id)];
+                Self::script(conn, CLAIM, &keys, args).await
             }
         }
     }
 
-    /// Moves the request from epoch `expected` to the next; `Err(current)` when another got there first.
-    pub async fn fence(&self, request_id: &str, expected: u64) -> Result<Result<u64, u64>, RedisError> {
+    /// Moves the request from epoch `expected` to the next, only when its
+    /// producer's lease has lapsed (the evidence that the producer is gone).
+    pub async fn fence(&self, request_id: &str, expected: u64) -> Result<Fence, RedisError> {
         match self {
             Ledger::Embedded(bus) => Ok(bus.fence(request_id, expected)),
             Ledger::Redis { conn, .. } => {
-                let (won, epoch): (i64, u64) =
-                    Self::script(conn, FENCE, &[keys::request_claim(request_id)], vec![expected.to_string()]).await?;
-                Ok(if won == 1 { Ok(epoch) } else { Err(epoch) })
+                let keys = [keys::request_claim(request_id), keys::request_lease(request_id)];
+                let (outcome, epoch): (i64, u64) = Self::script(conn, FENCE, &keys, vec![expected.to_string()]).await?;
+                Ok(match outcome {
+                    1 => Fence::Won(epoch),
+                    2 => Fence::ProducerAlive,
+                    3 => Fence::Ended,
+                    _ => Fence::Moved(epoch),
+                })
             }
         }
     }
 
-    /// Takes the request over at `epoch` for `node`; false when the epoch moved on.
-    pub async fn adopt(&self, request_id: &str, epoch: u64, node: &str) -> Result<bool, RedisError> {
+    /// Takes the fenced request over at `epoch` for `node`, with a lease; false
+    /// when the epoch moved on, the request ended, or another node adopted it.
+    pub async fn adopt(&self, request_id: &str, epoch: u64, node: &str, lease: Duration) -> Result<bool, RedisError> {
         match self {
-            Ledger::Embedded(bus) => Ok(bus.adopt(request_id, epoch, node)),
+            Ledger::Embedded(bus) => Ok(bus.adopt(request_id, epoch, node, lease)),
             Ledger::Redis { conn, .. } => {
-                let args = vec![epoch.to_string(), node.to_owned()];
-                let adopted: i64 = Self::script(conn, ADOPT, &[keys::request_claim(request_id)], args).await?;
+                let args = vec![epoch.to_string(), node.to_owned(), millis(lease)];
+                let keys = [keys::request_claim(request_id), keys::request_lease(request_id)];
+                let adopted: i64 = Self::script(conn, ADOPT, &keys, args).await?;
                 Ok(adopted == 1)
             }
         }
     }
 
-    /// Stores then publishes `event` on the session's channel, unless its epoch is stale.
+    /// Renews the producer's lease (and the request's lifetime); false when
+    /// `node` at `epoch` no longer produces the request: it must stop.
+    pub async fn renew(&self, request_id: &str, epoch: u64, node: &str, lease: Duration) -> Result<bool, RedisError> {
+        match self {
+            Ledger::Embedded(bus) => Ok(bus.renew(request_id, epoch, node, lease)),
+            Ledger::Redis { conn, ttl, .. } => {
+                let args = vec![epoch.to_string(), node.to_owned(), millis(lease), ttl.as_secs().to_string()];
+                let keys = [
+                    keys::request_claim(request_id),
+                    keys::request_lease(request_id),
+                    keys::request_stream(request_id),
+                ];
+                let renewed: i64 = Self::script(conn, RENEW, &keys, args).await?;
+                Ok(renewed == 1)
+            }
+        }
+    }
+
+    /// Stores then publishes `event` on the session's channel, only when its
+    /// producer (`event.node` at `event.epoch`) owns the request and its `seq`
+    /// follows the last stored one. A `done` or `error` ends the request.
     pub async fn emit(&self, session_id: &str, event: &Event) -> Result<Emitted, RedisError> {
         let published = match self {
             Ledger::Embedded(bus) => bus.emit(session_id, event),
@@ -167,8 +263,14 @@ impl Ledger {
                     keys::session_channel(session_id),
                     max_len.to_string(),
                     ttl.as_secs().to_string(),
+                    event.node.clone().unwrap_or_else(|| NO_PRODUCER.to_owned()),
+                    if event.is_terminal() { "1" } else { "" }.to_owned(),
                 ];
-                let keys = [keys::request_claim(&event.request_id), keys::request_stream(&event.request_id)];
+                let keys = [
+                    keys::request_claim(&event.request_id),
+                    keys::request_stream(&event.request_id),
+                    keys::request_lease(&event.request_id),
+                ];
                 Self::script::<i64>(conn, EMIT, &keys, args).await? == 1
             }
         };
@@ -198,21 +300,47 @@ impl Ledger {
         }
     }
 
-    /// Every stored event of `request_id` in order; `None` when none is stored.
-    pub async fn read(&self, request_id: &str) -> Result<Option<Vec<Event>>, RedisError> {
+    /// Up to `count` stored events with `seq > after_seq`, and where the request stands.
+    pub async fn page(&self, request_id: &str, after_seq: u64, count: usize) -> Result<Page, RedisError> {
         let conn = match self {
-            Ledger::Embedded(bus) => return Ok(bus.read(request_id)),
+            Ledger::Embedded(bus) => return Ok(bus.page(request_id, after_seq, count)),
             Ledger::Redis { conn, .. } => conn,
         };
         let mut pipe = redis::pipe();
-        pipe.cmd("XRANGE").arg(keys::request_stream(request_id)).arg("-").arg("+");
-        let (entries,): (Vec<(String, HashMap<String, String>)>,) = conn.query(&pipe).await?;
-        if entries.is_empty() {
-            return Ok(None);
+        pipe.cmd("XRANGE")
+            .arg(keys::request_stream(request_id))
+            .arg(format!("{}-0", after_seq.saturating_add(1)))
+            .arg("+")
+            .arg("COUNT")
+            .arg(count)
+            .cmd("HMGET")
+            .arg(keys::request_claim(request_id))
+            .arg("last")
+            .arg("ended");
+        type Entries = Vec<(String, HashMap<String, String>)>;
+        let (entries, (last, ended)): (Entries, (Option<u64>, Option<u64>)) = conn.query(&pipe).await?;
+        let events: Vec<Event> =
+            entries.into_iter().filter_map(|(_, f)| f.get("event").and_then(|j| Event::from_json(j).ok())).collect();
+        let known = last.is_some() || !events.is_empty();
+        let last_seq = last.unwrap_or(0).max(events.last().map_or(0, |e| e.seq));
+        let ended = ended.or_else(|| events.iter().find(|e| e.is_terminal()).map(|e| e.seq));
+        Ok(Page { events, known, last_seq, ended })
+    }
+
+    /// Every stored event of `request_id` in order (read in pages); `None` when
+    /// none is stored.
+    pub async fn read(&self, request_id: &str) -> Result<Option<Vec<Event>>, RedisError> {
+        let mut all: Vec<Event> = Vec::new();
+        loop {
+            let after = all.last().map_or(0, |e| e.seq);
+            let page = self.page(request_id, after, PAGE).await?;
+            let full = page.events.len() == PAGE;
+            all.extend(page.events);
+            if !full {
+                break;
+            }
         }
-        Ok(Some(
-            entries.into_iter().filter_map(|(_, f)| f.get("event").and_then(|j| Event::from_json(j).ok())).collect(),
-        ))
+        Ok(if all.is_empty() { None } else { Some(all) })
     }
 
     /// The Redis connection, for callers that keep more than the ledger there.

@@ -1,56 +1,113 @@
-//! The ledger's Lua scripts on a real Redis: claims, fencing, adoption and
-//! fenced emits behave as the embedded bus does.
+//! The ledger's Lua scripts on a real Redis: claims, leases, fencing,
+//! adoption and fenced emits behave as the embedded bus does.
 
 use chat_wire::embedded::Backplane;
-use chat_wire::ledger::{Emitted, Ledger, RequestRecord};
+use chat_wire::ledger::{Emitted, Fence, Ledger, RequestRecord};
 use chat_wire::Event;
 use std::time::Duration;
 
+const LEASE: Duration = Duration::from_millis(200);
+
 fn ledger() -> Ledger {
-    let url = std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let second = Duration::from_secs(1);
-    Ledger::on(&Backplane::Redis(url), second, second, 100, Duration::from_secs(300)).unwrap()
+    ledger_keeping(100)
 }
 
-fn event(request_id: &str, seq: u64, epoch: u64) -> Event {
+fn ledger_keeping(max_len: usize) -> Ledger {
+    let url = std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let second = Duration::from_secs(1);
+    Ledger::on(&Backplane::Redis(url), second, second, max_len, Duration::from_secs(300)).unwrap()
+}
+
+fn event(request_id: &str, seq: u64, node: &str, epoch: u64) -> Event {
     let mut e = Event::chunk(request_id, seq, format!("piece {seq} "));
+    e.node = Some(node.into());
     e.epoch = Some(epoch);
     e
 }
 
-#[tokio::test]
-async fn a_takeover_fences_the_old_producer_off_and_the_new_one_continues() {
-    let ledger = ledger();
-    let request_id = chat_wire::new_request_id();
-    let record = RequestRecord {
+fn record(node: &str) -> RequestRecord {
+    RequestRecord {
         session_id: "s-ledger".into(),
         message: "what is fencing?".into(),
         user_id: Some("u1".into()),
-        node: "ai-1".into(),
+        node: node.into(),
         epoch: 1,
-    };
-    assert_eq!(ledger.claim(&request_id, &record).await.unwrap(), None);
-    assert_eq!(
-        ledger.claim(&request_id, &RequestRecord { node: "ai-2".into(), ..record.clone() }).await.unwrap(),
-        Some("ai-1".into())
-    );
-    assert_eq!(ledger.emit("s-ledger", &event(&request_id, 1, 1)).await.unwrap(), Emitted::Published);
+    }
+}
 
-    assert_eq!(ledger.fence(&request_id, 1).await.unwrap(), Ok(2));
-    assert_eq!(ledger.fence(&request_id, 1).await.unwrap(), Err(2), "one backend wins the fence");
-    assert_eq!(
-        ledger.emit("s-ledger", &event(&request_id, 2, 1)).await.unwrap(),
-        Emitted::Fenced,
-        "the old node is fenced off"
-    );
-    assert!(!ledger.adopt(&request_id, 3, "ai-3").await.unwrap(), "no adoption at an epoch not fenced");
-    assert!(ledger.adopt(&request_id, 2, "ai-2").await.unwrap());
-    assert_eq!(ledger.emit("s-ledger", &event(&request_id, 2, 2)).await.unwrap(), Emitted::Published);
+#[tokio::test]
+async fn a_takeover_waits_for_the_lease_fences_the_old_producer_off_and_one_node_continues() {
+    let ledger = ledger();
+    let id = chat_wire::new_request_id();
+    assert_eq!(ledger.claim(&id, &record("ai-1"), LEASE).await.unwrap(), None);
+    assert_eq!(ledger.claim(&id, &record("ai-2"), LEASE).await.unwrap(), Some("ai-1".into()));
+    assert_eq!(ledger.emit("s-ledger", &event(&id, 1, "ai-1", 1)).await.unwrap(), Emitted::Published);
 
-    let stored = ledger.read(&request_id).await.unwrap().unwrap();
+    // Alive (renewing) but silent: no takeover.
+    for _ in 0..3 {
+        tokio::time::sleep(LEASE / 2).await;
+        assert!(ledger.renew(&id, 1, "ai-1", LEASE).await.unwrap());
+        assert_eq!(ledger.fence(&id, 1).await.unwrap(), Fence::ProducerAlive);
+    }
+    // Gone: the lease lapses and one backend wins the fence.
+    tokio::time::sleep(LEASE * 2).await;
+    assert_eq!(ledger.fence(&id, 1).await.unwrap(), Fence::Won(2));
+    assert_eq!(ledger.fence(&id, 1).await.unwrap(), Fence::Moved(2), "one backend wins the fence");
+    assert_eq!(ledger.emit("s-ledger", &event(&id, 2, "ai-1", 1)).await.unwrap(), Emitted::Fenced, "old node fenced");
+    assert!(!ledger.renew(&id, 1, "ai-1", LEASE).await.unwrap(), "and it learns so when it renews");
+    assert!(!ledger.adopt(&id, 3, "ai-3", LEASE).await.unwrap(), "no adoption at an epoch not fenced");
+    assert!(ledger.adopt(&id, 2, "ai-2", LEASE).await.unwrap());
+    assert!(ledger.adopt(&id, 2, "ai-2", LEASE).await.unwrap(), "a repeated adoption by the same node holds");
+    assert!(!ledger.adopt(&id, 2, "ai-3", LEASE).await.unwrap(), "a second node cannot adopt the same epoch");
+    assert_eq!(ledger.emit("s-ledger", &event(&id, 2, "ai-3", 2)).await.unwrap(), Emitted::Fenced);
+    assert_eq!(ledger.fence(&id, 2).await.unwrap(), Fence::ProducerAlive, "the adopter holds a lease");
+    assert_eq!(ledger.emit("s-ledger", &event(&id, 2, "ai-2", 2)).await.unwrap(), Emitted::Published);
+
+    let stored = ledger.read(&id).await.unwrap().unwrap();
     assert_eq!(stored.iter().map(|e| (e.seq, e.epoch)).collect::<Vec<_>>(), [(1, Some(1)), (2, Some(2))]);
-    let now = ledger.record(&request_id).await.unwrap().unwrap();
+    let now = ledger.record(&id).await.unwrap().unwrap();
     assert_eq!((now.node.as_str(), now.epoch, now.message.as_str()), ("ai-2", 2, "what is fencing?"));
     assert_eq!(now.user_id.as_deref(), Some("u1"));
     assert!(ledger.read("r-never-seen").await.unwrap().is_none());
+    assert!(!ledger.page("r-never-seen", 0, 10).await.unwrap().known);
+}
+
+#[tokio::test]
+async fn emits_are_refused_without_a_claim_an_epoch_or_the_next_seq_and_after_the_end() {
+    let ledger = ledger();
+    let id = chat_wire::new_request_id();
+    assert_eq!(ledger.emit("s", &event(&id, 1, "ai-1", 1)).await.unwrap(), Emitted::Fenced, "no claim");
+    ledger.claim(&id, &record("ai-1"), LEASE).await.unwrap();
+    let mut no_epoch = event(&id, 1, "ai-1", 1);
+    no_epoch.epoch = None;
+    assert_eq!(ledger.emit("s", &no_epoch).await.unwrap(), Emitted::Fenced, "no epoch");
+    assert_eq!(ledger.emit("s", &event(&id, 2, "ai-1", 1)).await.unwrap(), Emitted::Fenced, "a gap");
+    assert_eq!(ledger.emit("s", &event(&id, 1, "ai-1", 1)).await.unwrap(), Emitted::Published);
+    assert_eq!(ledger.emit("s", &event(&id, 1, "ai-1", 1)).await.unwrap(), Emitted::Fenced, "a repeat");
+    let mut done = Event::done(&id, 2, "stop");
+    done.node = Some("ai-1".into());
+    done.epoch = Some(1);
+    assert_eq!(ledger.emit("s", &done).await.unwrap(), Emitted::Published);
+    assert_eq!(ledger.emit("s", &event(&id, 3, "ai-1", 1)).await.unwrap(), Emitted::Fenced, "after the end");
+    assert_eq!(ledger.fence(&id, 1).await.unwrap(), Fence::Ended);
+
+    let page = ledger.page(&id, 1, 10).await.unwrap();
+    assert_eq!((page.known, page.last_seq, page.ended), (true, 2, Some(2)));
+    assert_eq!(page.events.iter().map(|e| e.seq).collect::<Vec<_>>(), [2], "a page starts after the cursor");
+    assert!(ledger.page(&id, u64::MAX, 10).await.unwrap().events.is_empty(), "a cursor at the very end is fine");
+}
+
+#[tokio::test]
+async fn a_long_stream_is_read_in_pages() {
+    let ledger = ledger_keeping(10_000);
+    let id = chat_wire::new_request_id();
+    ledger.claim(&id, &record("ai-1"), Duration::from_secs(5)).await.unwrap();
+    for seq in 1..=600 {
+        assert_eq!(ledger.emit("s", &event(&id, seq, "ai-1", 1)).await.unwrap(), Emitted::Published);
+    }
+    let first = ledger.page(&id, 0, chat_wire::ledger::PAGE).await.unwrap();
+    assert_eq!(first.events.len(), chat_wire::ledger::PAGE);
+    assert_eq!(first.last_seq, 600);
+    let all = ledger.read(&id).await.unwrap().unwrap();
+    assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=600).collect::<Vec<_>>());
 }

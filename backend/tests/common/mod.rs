@@ -187,6 +187,10 @@ impl Pace {
     }
 }
 
+/// The lease of the test nodes: a node silent (dead or paused) for longer
+/// than this is taken over.
+pub const NODE_LEASE_MS: u64 = 1_500;
+
 /// A real `ai-node` process with a synthetic engine.
 pub struct AiNode {
     /// The URL the backend is given, `http://127.0.0.1:PORT`.
@@ -202,7 +206,7 @@ impl AiNode {
         std::fs::write(
             &config,
             format!(
-                "[server]\nshutdown_grace_ms = 500\n\n[engine]\nkind = \"synthetic\"\n\n[engine.synthetic]\n\
+                "[server]\nshutdown_grace_ms = 500\n\n[stream]\nlease_ms = {NODE_LEASE_MS}\n\n[engine]\nkind = \"synthetic\"\n\n[engine.synthetic]\n\
                  first_token_ms = {}\ntokens_per_second = {:.1}\nanswer_tokens = {}\n",
                 pace.first_token_ms, pace.tokens_per_second, pace.answer_tokens
             ),

@@ -1,0 +1,63 @@
+//! The loop every reader of a session runs, a WebSocket and an SSE response
+//! alike: live deliveries from the hub, refills after a pub/sub reconnect,
+//! stall checks and catching up on stored pages all go through one
+//! `Follower`, so exactly-once delivery is written once.
+//!
+//! `wake` only waits (it is cancel-safe, for a `select!` with the socket's
+//! own branches); `handle` then does the work and returns what to send.
+
+use crate::follow::{Follower, Out};
+use crate::hub::{Attachment, Delivery};
+use crate::App;
+use std::sync::Arc;
+use tokio::time::Interval;
+
+pub struct Reader {
+    pub follower: Follower,
+    attachment: Attachment,
+    stall_tick: Interval,
+}
+
+/// What woke the reader.
+pub enum Wake {
+    Delivery(Option<Delivery>),
+    StallTick,
+    Behind,
+}
+
+/// The hub detached this reader: it read slower than its queue allows.
+#[derive(Debug)]
+pub struct TooSlow;
+
+impl Reader {
+    /// A reader attached to `session_id` (subscribed before anything is dispatched).
+    pub async fn attach(app: &Arc<App>, session_id: &str) -> Reader {
+        let attachment = app.hub.attach(session_id).await;
+        let follower = Follower::new(app.ledger.clone(), app.takeovers.clone(), app.config.stall_timeout);
+        let mut stall_tick = tokio::time::interval(crate::STALL_TICK);
+        stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Reader { follower, attachment, stall_tick }
+    }
+
+    /// Waits for the next thing to do. Cancel-safe.
+    pub async fn wake(&mut self) -> Wake {
+        if self.follower.is_behind() {
+            return Wake::Behind;
+        }
+        tokio::select! {
+            delivery = self.attachment.rx.recv() => Wake::Delivery(delivery),
+            _ = self.stall_tick.tick() => Wake::StallTick,
+        }
+    }
+
+    /// Does what woke the reader; returns what to send, in order.
+    pub async fn handle(&mut self, wake: Wake) -> Result<Vec<Out>, TooSlow> {
+        Ok(match wake {
+            Wake::Delivery(Some(Delivery::Event(e))) => self.follower.on_live(&e).await,
+            Wake::Delivery(Some(Delivery::Refill)) => self.follower.refill_all().await,
+            Wake::Delivery(None) => return Err(TooSlow),
+            Wake::StallTick => self.follower.check_stalls().await,
+            Wake::Behind => self.follower.catch_up().await,
+        })
+    }
+}
