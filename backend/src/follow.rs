@@ -311,7 +311,14 @@ impl Follower {
             }
         }
         let first = page.events.first().map(|e| e.seq);
-        let sent = self.tracks.get(request_id).map_or(0, |t| t.sent);
+        let Some(track) = self.tracks.get(request_id) else { return Vec::new() };
+        let sent = track.sent;
+        if let Some(end) = page.ended.filter(|end| *end <= sent) {
+            // Ended at or below what this reader has (a resume past the end).
+            let past_end = track.past_end && end < sent;
+            self.finish(request_id);
+            return if past_end { vec![past_end_notice(request_id, end)] } else { Vec::new() };
+        }
         if first.is_some_and(|seq| seq > sent + 1) {
             // Only trimming can open a gap in a stream, and answers are cut
             // before the trim length: say so rather than skip.

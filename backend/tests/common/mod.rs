@@ -231,6 +231,21 @@ impl AiNode {
     pub fn kill(&mut self) {
         self.process.kill();
     }
+
+    /// SIGSTOP: the node freezes (a long GC pause, a stalled VM) and comes
+    /// back with `unpause`, unaware that time passed.
+    pub fn pause(&self) {
+        signal(self.process.pid(), "-STOP");
+    }
+
+    pub fn unpause(&self) {
+        signal(self.process.pid(), "-CONT");
+    }
+}
+
+fn signal(pid: u32, which: &str) {
+    let sent = Command::new("kill").args([which, &pid.to_string()]).status().map(|s| s.success());
+    assert!(matches!(sent, Ok(true)), "kill {which} {pid} failed");
 }
 
 /// Settings for a backend process, written to its config file.
