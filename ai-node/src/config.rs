@@ -103,6 +103,8 @@ pub struct SyntheticFile {
     pub refuse_ratio: f64,
     #[serde(default)]
     pub die_ratio: f64,
+    #[serde(default)]
+    pub tag: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -238,6 +240,9 @@ pub struct SyntheticConfig {
     pub refuse_ratio: f64,
     /// Share of streams that die mid-way with an `error` event.
     pub die_ratio: f64,
+    /// Appended to every piece (tests give each node its own, so two
+    /// producers of one answer show in its text).
+    pub tag: String,
 }
 
 #[derive(Debug, Clone)]
@@ -354,6 +359,7 @@ fn check(f: FileConfig, source: String) -> Result<Config, String> {
             answer_tokens: s.answer_tokens,
             refuse_ratio: s.refuse_ratio,
             die_ratio: s.die_ratio,
+            tag: s.tag.clone(),
         }),
         "openai" => EngineConfig::OpenAi(OpenAiConfig {
             base_url: o.base_url.trim_end_matches('/').to_owned(),
@@ -372,6 +378,7 @@ fn check(f: FileConfig, source: String) -> Result<Config, String> {
                 answer_tokens: 1,
                 refuse_ratio: 0.0,
                 die_ratio: 0.0,
+                tag: String::new(),
             })
         }
     };

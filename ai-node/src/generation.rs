@@ -194,7 +194,9 @@ async fn renew_lease(store: Arc<Store>, request_id: String, epoch: u64, node_id:
         match store.renew(&request_id, epoch, &node_id).await {
             Ok(true) => {}
             Ok(false) => {
-                log::info!("request_id={request_id} lease refused at epoch {epoch}: another node took the request over");
+                log::info!(
+                    "request_id={request_id} lease refused at epoch {epoch}: another node took the request over"
+                );
                 fenced.cancel();
                 return;
             }

@@ -3,9 +3,9 @@
 //! shape. Every answer carries `X-Backend-Id`.
 
 use crate::follow::{Out, ResumeError};
-use crate::reader::{Reader, TooSlow};
 use crate::limits::Limited;
 use crate::nodes::{DispatchError, NodeChat};
+use crate::reader::{Reader, TooSlow};
 use crate::{ws, App};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, Request, State};
@@ -227,7 +227,8 @@ fn sse(app: Arc<App>, mut reader: Reader, request_id: String, first: Vec<Out>) -
                 Ok(events) => pending = events,
                 Err(TooSlow) => {
                     app.metrics.slow_consumers.inc();
-                    let notice = sse_notice(&request_id, "too_slow", "the client read too slowly; resume with Last-Event-ID");
+                    let notice =
+                        sse_notice(&request_id, "too_slow", "the client read too slowly; resume with Last-Event-ID");
                     let _ = tokio::time::timeout(send_timeout, tx.send(notice)).await;
                     return;
                 }

@@ -1,13 +1,14 @@
 //! Exactly-once, in-order delivery of a session's requests to one reader (a
 //! WebSocket or an SSE response).
 //!
-//! For each request it follows, a `Follower` keeps a cursor: the last `seq`
-//! this reader has passed on. Nothing at or below the cursor is passed on
-//! again, whatever arrives (live events, a `resume`, a refill). A live event
-//! is passed on when it is the next one; a newer one means a gap (a late
-//! join, a pub/sub reconnect), filled from the request's stream, which is
-//! never behind pub/sub and is read in pages from the cursor. `resume` moves
-//! the cursor up to `after_seq` (never down) and fills from there.
+//! For each request it follows, a `Follower` keeps the last `seq` this
+//! reader has passed on, and the `after_seq` of the client's last `resume`;
+//! the cursor is the higher of the two. Nothing at or below the cursor is
+//! passed on, and nothing passed on is ever passed on again, whatever arrives
+//! (live events, a `resume`, a refill). A live event is passed on when it is
+//! the next one; a newer one means a gap (a late join, a pub/sub reconnect),
+//! filled from the request's stream, which is never behind pub/sub and is
+//! read in pages from the cursor.
 //!
 //! Silence is not death: a request whose stream has not grown for the stall
 //! timeout is read once more and then offered to `takeover`, which fences it
@@ -31,15 +32,21 @@ const MAX_FOLLOWED: usize = 64;
 const LEFT_MEMORY: usize = 4096;
 
 struct Track {
-    /// The last `seq` this reader passed on (or was told the client has).
+    /// The last `seq` this reader passed on.
     sent: u64,
+    /// The `after_seq` of the client's last `resume`: what it says it has.
+    floor: u64,
     /// The highest `seq` known to be stored: the producer's progress.
     seen: u64,
     /// When `seen` last grew (or the request was last offered for takeover).
     last_progress: Instant,
-    /// A `resume` asked for more than was stored: if the request ends below
-    /// the cursor, the reader is told so.
-    past_end: bool,
+}
+
+impl Track {
+    /// Nothing at or below it is passed on.
+    fn cursor(&self) -> u64 {
+        self.sent.max(self.floor)
+    }
 }
 
 /// What a reader sends: an event of a request, or a notice about one (a
@@ -152,10 +159,10 @@ impl Follower {
             track.seen = event.seq;
             track.last_progress = Instant::now();
         }
-        if event.seq <= track.sent {
+        if event.seq <= track.cursor() {
             if event.is_terminal() {
                 // The request ended at or below what this reader already has.
-                let past_end = track.past_end && event.seq < track.sent;
+                let past_end = event.seq < track.floor;
                 self.finish(id);
                 if past_end {
                     return vec![past_end_notice(id, event.seq)];
@@ -163,7 +170,7 @@ impl Follower {
             }
             return Vec::new();
         }
-        if event.seq == track.sent + 1 {
+        if event.seq == track.cursor() + 1 {
             return self.accept(id, vec![event.clone()]);
         }
         // A gap: the stream has everything up to this event (it is written before it is published).
@@ -172,10 +179,12 @@ impl Follower {
     }
 
     /// Resume from `after_seq`: stored events after it (and after anything
-    /// this reader already sent of the request), then live ones.
+    /// this reader already sent of the request), then live ones. A later
+    /// resume may ask from further back; what was sent is never sent again.
     pub async fn resume(&mut self, request_id: &str, after_seq: u64) -> Result<Vec<Out>, ResumeError> {
         let sent = self.tracks.get(request_id).map(|t| t.sent).or_else(|| self.left.get(request_id).copied());
-        let cursor = after_seq.max(sent.unwrap_or(0));
+        let sent = sent.unwrap_or(0);
+        let cursor = after_seq.max(sent);
         let page = match self.ledger.page(request_id, cursor, PAGE).await {
             Ok(page) if page.known => page,
             Ok(_) => return Err(ResumeError::UnknownRequest),
@@ -187,7 +196,7 @@ impl Follower {
         self.pending.remove(request_id);
         if let Some(end) = page.ended.filter(|end| *end <= cursor) {
             // The client (or this reader) already has the whole request.
-            self.finish_at(request_id, cursor);
+            self.finish_at(request_id, sent);
             return Ok(if after_seq > end { vec![past_end_notice(request_id, end)] } else { Vec::new() });
         }
         if self.tracks.contains_key(request_id) {
@@ -198,8 +207,8 @@ impl Follower {
             self.open(request_id, 0);
         }
         let track = self.tracks.get_mut(request_id).expect("opened above");
-        track.sent = cursor;
-        track.past_end = after_seq > page.last_seq;
+        track.sent = sent;
+        track.floor = after_seq;
         track.seen = track.seen.max(page.last_seq);
         track.last_progress = Instant::now();
         Ok(self.take_page(request_id, page))
@@ -229,7 +238,7 @@ impl Follower {
         let mut out = Vec::new();
         for id in stalled {
             let seen_before = self.tracks.get(&id).map_or(0, |t| t.seen);
-            let page = match self.ledger.page(&id, self.tracks.get(&id).map_or(0, |t| t.sent), PAGE).await {
+            let page = match self.ledger.page(&id, self.tracks.get(&id).map_or(0, |t| t.cursor()), PAGE).await {
                 Ok(page) => page,
                 Err(e) => {
                     log::warn!("request_id={id} stall check: store unavailable: {e}");
@@ -265,10 +274,7 @@ impl Follower {
         }
         self.left.remove(request_id);
         self.opened.push_back(request_id.to_owned());
-        self.tracks.insert(
-            request_id.to_owned(),
-            Track { sent, seen: sent, last_progress: Instant::now(), past_end: false },
-        );
+        self.tracks.insert(request_id.to_owned(), Track { sent, floor: 0, seen: sent, last_progress: Instant::now() });
     }
 
     fn remember(&mut self, request_id: &str, sent: u64) {
@@ -295,8 +301,8 @@ impl Follower {
     }
 
     async fn fill(&mut self, request_id: &str) -> Result<Vec<Out>, chat_wire::redis_conn::RedisError> {
-        let Some(sent) = self.tracks.get(request_id).map(|t| t.sent) else { return Ok(Vec::new()) };
-        let page = self.ledger.page(request_id, sent, PAGE).await?;
+        let Some(cursor) = self.tracks.get(request_id).map(|t| t.cursor()) else { return Ok(Vec::new()) };
+        let page = self.ledger.page(request_id, cursor, PAGE).await?;
         Ok(self.take_page(request_id, page))
     }
 
@@ -312,14 +318,14 @@ impl Follower {
         }
         let first = page.events.first().map(|e| e.seq);
         let Some(track) = self.tracks.get(request_id) else { return Vec::new() };
-        let sent = track.sent;
-        if let Some(end) = page.ended.filter(|end| *end <= sent) {
+        let cursor = track.cursor();
+        if let Some(end) = page.ended.filter(|end| *end <= cursor) {
             // Ended at or below what this reader has (a resume past the end).
-            let past_end = track.past_end && end < sent;
+            let past_end = end < track.floor;
             self.finish(request_id);
             return if past_end { vec![past_end_notice(request_id, end)] } else { Vec::new() };
         }
-        if first.is_some_and(|seq| seq > sent + 1) {
+        if first.is_some_and(|seq| seq > cursor + 1) {
             // Only trimming can open a gap in a stream, and answers are cut
             // before the trim length: say so rather than skip.
             self.finish(request_id);
@@ -338,7 +344,7 @@ impl Follower {
         let mut out = Vec::new();
         let mut ended = false;
         for e in events {
-            if e.request_id == request_id && e.seq == track.sent + 1 {
+            if e.request_id == request_id && e.seq == track.cursor() + 1 {
                 track.sent = e.seq;
                 ended = e.is_terminal();
                 out.push(Out::Event(e));
@@ -355,5 +361,9 @@ impl Follower {
 }
 
 fn past_end_notice(request_id: &str, end: u64) -> Out {
-    Out::notice(request_id, "resume_past_end", format!("the request ended at seq {end}, before the after_seq asked for"))
+    Out::notice(
+        request_id,
+        "resume_past_end",
+        format!("the request ended at seq {end}, before the after_seq asked for"),
+    )
 }

@@ -61,7 +61,8 @@ impl Metrics {
         let pubsub_reconnects = IntCounter::new("backend_pubsub_reconnects_total", "Pub/sub reconnections").unwrap();
         let slow_consumers =
             IntCounter::new("backend_ws_slow_consumers_total", "Sockets closed for reading too slowly").unwrap();
-        let stalls = IntCounter::new("backend_stalled_requests_total", "Requests ended with a stored node_failed").unwrap();
+        let stalls =
+            IntCounter::new("backend_stalled_requests_total", "Requests ended with a stored node_failed").unwrap();
         let takeovers =
             IntCounterVec::new(Opts::new("backend_takeovers_total", "Mid-stream takeovers by outcome"), &["outcome"])
                 .unwrap();

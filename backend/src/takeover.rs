@@ -75,7 +75,14 @@ impl Takeovers {
         };
         let after_seq = stored.last().map_or(0, |e| e.seq);
         if epoch > MAX_PRODUCERS {
-            self.fail(request_id, &record.session_id, epoch, after_seq, format!("{MAX_PRODUCERS} AI nodes in turn stopped producing this answer")).await;
+            self.fail(
+                request_id,
+                &record.session_id,
+                epoch,
+                after_seq,
+                format!("{MAX_PRODUCERS} AI nodes in turn stopped producing this answer"),
+            )
+            .await;
             return "gave_up";
         }
         let text: String =

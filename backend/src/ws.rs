@@ -121,7 +121,8 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr)
     let mut reader = Reader::attach(&app, &session_id).await;
     // Boxed: a channel allocates a block of 32 slots up front, and every
     // socket has one (an unboxed slot is ~90 bytes, ~3 KB per idle socket).
-    let (done_tx, mut done_rx) = mpsc::channel::<Box<(String, Result<Accepted, crate::api::ApiError>)>>(MAX_DISPATCHING);
+    let (done_tx, mut done_rx) =
+        mpsc::channel::<Box<(String, Result<Accepted, crate::api::ApiError>)>>(MAX_DISPATCHING);
     let mut dispatching = 0usize;
     let mut resumes: Option<Box<DefaultDirectRateLimiter>> = None;
     let mut ping_tick = tokio::time::interval(app.config.ws_ping_interval);

@@ -74,7 +74,8 @@ async fn a_late_resume_after_live_events_repeats_nothing() {
 async fn a_resume_past_the_end_waits_and_never_takes_a_healthy_answer_over() {
     let redis = redis_url();
     let nodes = [AiNode::start(&redis, Pace::SLOW).await, AiNode::start(&redis, Pace::SLOW).await];
-    let backend = Backend::builder(&redis, &[&nodes[0], &nodes[1]]).set("stream", "stall_timeout_ms", 500).start().await;
+    let backend =
+        Backend::builder(&redis, &[&nodes[0], &nodes[1]]).set("stream", "stall_timeout_ms", 500).start().await;
     backend.wait_healthy_nodes(2).await;
     let session = unique("s");
 
@@ -110,7 +111,8 @@ async fn a_silent_producer_that_is_alive_is_not_taken_over() {
     // and the 1.5 s lease: only the lease, renewed meanwhile, says the node is alive.
     let pace = Pace { first_token_ms: 4_000, tokens_per_second: 50.0, answer_tokens: 5 };
     let nodes = [AiNode::start(&redis, pace).await, AiNode::start(&redis, pace).await];
-    let backend = Backend::builder(&redis, &[&nodes[0], &nodes[1]]).set("stream", "stall_timeout_ms", 500).start().await;
+    let backend =
+        Backend::builder(&redis, &[&nodes[0], &nodes[1]]).set("stream", "stall_timeout_ms", 500).start().await;
     backend.wait_healthy_nodes(2).await;
 
     let mut ws = Ws::connect(&backend, &unique("s")).await;
@@ -118,7 +120,10 @@ async fn a_silent_producer_that_is_alive_is_not_taken_over() {
     let events = ws.until_end(&accepted.request_id).await;
     assert_complete(&events, 1);
     assert!(events.iter().all(|e| e.epoch == Some(1)), "{events:?}");
-    assert!(metric(&backend, "backend_takeovers_total{outcome=\"producer_alive\"}").await >= 1, "the stall was checked");
+    assert!(
+        metric(&backend, "backend_takeovers_total{outcome=\"producer_alive\"}").await >= 1,
+        "the stall was checked"
+    );
     assert_eq!(metric(&backend, "backend_takeovers_total{outcome=\"continued\"}").await, 0);
 }
 
@@ -126,7 +131,8 @@ async fn a_silent_producer_that_is_alive_is_not_taken_over() {
 async fn a_node_paused_past_its_lease_is_taken_over_and_fenced_off_when_it_wakes() {
     let redis = redis_url();
     let nodes = [AiNode::start(&redis, Pace::SLOW).await, AiNode::start(&redis, Pace::SLOW).await];
-    let backend = Backend::builder(&redis, &[&nodes[0], &nodes[1]]).set("stream", "stall_timeout_ms", 500).start().await;
+    let backend =
+        Backend::builder(&redis, &[&nodes[0], &nodes[1]]).set("stream", "stall_timeout_ms", 500).start().await;
     backend.wait_healthy_nodes(2).await;
     let message = "pause in the middle";
     let mut reference = Ws::connect(&backend, &unique("s")).await;

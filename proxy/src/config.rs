@@ -960,12 +960,14 @@ mod tests {
 
     #[test]
     fn an_empty_or_cut_off_file_is_an_error() {
-        for text in ["", "\n# nothing\n", "[server]\nthreads = 2\n", "[upstreams.backends]\nservers = [\"127.0.0.1:30"] {
+        for text in ["", "\n# nothing\n", "[server]\nthreads = 2\n", "[upstreams.backends]\nservers = [\"127.0.0.1:30"]
+        {
             assert!(parse("t.toml", text, &Overrides::default()).is_err(), "{text:?}");
         }
         assert_eq!(problems("")[0].key, "upstreams");
         // The servers may come from the environment or a flag instead.
-        let overrides = Overrides { backends: Some(("127.0.0.1:3000".into(), "flag --backends".into())), ..Default::default() };
+        let overrides =
+            Overrides { backends: Some(("127.0.0.1:3000".into(), "flag --backends".into())), ..Default::default() };
         assert!(parse("t.toml", "", &overrides).is_ok());
     }
 
@@ -1066,9 +1068,12 @@ mod tests {
 
     #[test]
     fn unrouted_path_has_no_group() {
-        let c =
-            parse("t.toml", &format!("{SERVERS}[[routes]]\nprefix=\"/api/\"\nupstream=\"backends\"\n"), &Overrides::default())
-                .unwrap();
+        let c = parse(
+            "t.toml",
+            &format!("{SERVERS}[[routes]]\nprefix=\"/api/\"\nupstream=\"backends\"\n"),
+            &Overrides::default(),
+        )
+        .unwrap();
         assert_eq!(c.route("/elsewhere"), None);
     }
 

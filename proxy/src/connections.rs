@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use pingora_core::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
 use bytes::BytesMut;
+use pingora_core::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
@@ -123,7 +123,12 @@ where
 {
     /// Serves an HTTP/1 connection whose first bytes were already read
     /// (`prefix`), request after request, like Pingora's own loop.
-    async fn serve_http1(self: &Arc<Self>, stream: Stream, prefix: BytesMut, shutdown: &ShutdownWatch) -> Option<Stream> {
+    async fn serve_http1(
+        self: &Arc<Self>,
+        stream: Stream,
+        prefix: BytesMut,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
         let mut session = ServerSession::new_http1(stream);
         if !prefix.is_empty() {
             session.set_pipelined_prefix(prefix);

@@ -165,7 +165,9 @@ impl GroupMetrics {
         self.latency.observe(secs);
         match self.by_status.get(usize::from(status)) {
             Some(slot) => slot
-                .get_or_init(|| metrics.requests.with_label_values(&[self.name.as_str(), status_label(status).as_str()]))
+                .get_or_init(|| {
+                    metrics.requests.with_label_values(&[self.name.as_str(), status_label(status).as_str()])
+                })
                 .inc(),
             None => metrics.requests.with_label_values(&[self.name.as_str(), "0"]).inc(),
         }

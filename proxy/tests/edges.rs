@@ -72,7 +72,8 @@ async fn an_upgrade_header_that_is_no_upgrade_gets_the_body_limit_and_deadline()
     }
 
     // Over the body limit behind `Upgrade: x`: 413, announced or chunked.
-    let announced = "POST /api/x HTTP/1.1\r\nHost: t\r\nUpgrade: x\r\nConnection: upgrade\r\nContent-Length: 5000\r\n\r\n";
+    let announced =
+        "POST /api/x HTTP/1.1\r\nHost: t\r\nUpgrade: x\r\nConnection: upgrade\r\nContent-Length: 5000\r\n\r\n";
     let out = raw_exchange(me(), proxy.public, announced.as_bytes(), Duration::from_secs(5)).await.unwrap();
     assert_eq!(status_of(&out), Some(413), "{:?}", String::from_utf8_lossy(&out));
     let mut chunked = b"POST /api/x HTTP/1.1\r\nHost: t\r\nUpgrade: x\r\nConnection: upgrade\r\n\

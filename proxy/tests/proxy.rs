@@ -445,9 +445,9 @@ async fn graceful_upgrade_hands_the_listeners_to_a_new_process_without_failed_re
         let mut conn = tokio::net::TcpStream::connect(public).await.unwrap();
         while Instant::now() < deadline {
             conn.write_all(b"GET /api/k HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
-            let (status, close) = read_one_response(&mut conn).await.unwrap_or_else(|e| {
-                panic!("a keep-alive request was lost after {answered} answers: {e}")
-            });
+            let (status, close) = read_one_response(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("a keep-alive request was lost after {answered} answers: {e}"));
             assert_eq!(status, 200);
             answered += 1;
             if close {

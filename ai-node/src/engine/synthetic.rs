@@ -66,6 +66,11 @@ impl Engine for SyntheticEngine {
 
     async fn generate(&self, prompt: Prompt) -> Result<TextStream, EngineError> {
         let mut pieces = synthetic_text(&prompt.message, self.config.answer_tokens);
+        if !self.config.tag.is_empty() {
+            for piece in &mut pieces {
+                piece.push_str(&self.config.tag);
+            }
+        }
         if let Some(done) = &prompt.continue_from {
             // The text is deterministic: skip the pieces the earlier node already streamed.
             let mut covered = 0;

@@ -37,6 +37,7 @@ pub fn fast_config(redis_url: &str, node_id: &str) -> Config {
         answer_tokens: 12,
         refuse_ratio: 0.0,
         die_ratio: 0.0,
+        tag: String::new(),
     });
     config
 }

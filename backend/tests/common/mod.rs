@@ -201,19 +201,30 @@ pub struct AiNode {
 
 impl AiNode {
     pub async fn start(redis_url: &str, pace: Pace) -> AiNode {
+        Self::start_with(redis_url, pace, false).await
+    }
+
+    /// A node whose every piece ends with its id, so that two producers of
+    /// one answer show in its text.
+    pub async fn start_tagged(redis_url: &str, pace: Pace) -> AiNode {
+        Self::start_with(redis_url, pace, true).await
+    }
+
+    async fn start_with(redis_url: &str, pace: Pace, tagged: bool) -> AiNode {
+        let node_id = unique("ai");
+        let tag = if tagged { format!("tag = \"[{node_id}]\"\n") } else { String::new() };
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("ai-node.toml");
         std::fs::write(
             &config,
             format!(
                 "[server]\nshutdown_grace_ms = 500\n\n[stream]\nlease_ms = {NODE_LEASE_MS}\n\n[engine]\nkind = \"synthetic\"\n\n[engine.synthetic]\n\
-                 first_token_ms = {}\ntokens_per_second = {:.1}\nanswer_tokens = {}\n",
+                 first_token_ms = {}\ntokens_per_second = {:.1}\nanswer_tokens = {}\n{tag}",
                 pace.first_token_ms, pace.tokens_per_second, pace.answer_tokens
             ),
         )
         .unwrap();
         let port = free_port();
-        let node_id = unique("ai");
         let mut command = Command::new(ai_node_bin());
         command
             .arg("--config")

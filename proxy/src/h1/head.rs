@@ -220,13 +220,18 @@ pub fn parse_request(buf: &[u8], fields: Vec<Field>) -> Parsed {
             }
             _ => {}
         }
-        out.fields.push(Field { name: offset(name)..offset(name) + name.len(), value: offset(value)..offset(value) + value.len(), kind });
+        out.fields.push(Field {
+            name: offset(name)..offset(name) + name.len(),
+            value: offset(value)..offset(value) + value.len(),
+            kind,
+        });
     }
     if hosts != 1 || lengths > 1 {
         return Parsed::Elsewhere;
     }
     if out.fields.iter().any(|f| f.kind == Kind::Upgrade) {
-        out.websocket = !out.close && is_websocket_upgrade(method == Method::Get, &RawHeaders { buf, fields: &out.fields });
+        out.websocket =
+            !out.close && is_websocket_upgrade(method == Method::Get, &RawHeaders { buf, fields: &out.fields });
         out.upgrade_refused = !out.websocket;
     }
     Parsed::Request(out)
@@ -268,9 +273,7 @@ fn parse_length(value: &[u8]) -> Option<u64> {
 /// RFC 6455 §4.1: a base64-encoded 16-byte nonce (24 characters, `==` padded).
 fn valid_ws_key(value: &[u8]) -> bool {
     let v = trim(value);
-    v.len() == 24
-        && v.ends_with(b"==")
-        && v[..22].iter().all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
+    v.len() == 24 && v.ends_with(b"==") && v[..22].iter().all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
 }
 
 fn trim(v: &[u8]) -> &[u8] {

@@ -142,7 +142,8 @@ impl RequestId {
 
 /// Same rule as Pingora's path: 1-128 characters of `[A-Za-z0-9._:-]`.
 pub fn acceptable_request_id(id: &[u8]) -> bool {
-    (1..=128).contains(&id.len()) && id.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    (1..=128).contains(&id.len())
+        && id.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
 /// Why an exchange failed, and whose fault it was.
@@ -681,7 +682,11 @@ fn take_body(
 }
 
 /// Reads what is there into `buf`, with room for at least `room` bytes.
-async fn read_some<S: AsyncRead + Unpin + ?Sized>(stream: &mut S, buf: &mut BytesMut, room: usize) -> io::Result<usize> {
+async fn read_some<S: AsyncRead + Unpin + ?Sized>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    room: usize,
+) -> io::Result<usize> {
     if buf.capacity() - buf.len() < room {
         buf.reserve(room);
     }
@@ -717,7 +722,8 @@ async fn write_client(stream: &mut Stream, bytes: &[u8]) -> Result<(), Failure> 
 
 /// A new connection to a backend, with Nagle off.
 async fn connect(addr: SocketAddr, within: Duration) -> io::Result<TcpStream> {
-    let stream = timeout(within, TcpStream::connect(addr)).await.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+    let stream =
+        timeout(within, TcpStream::connect(addr)).await.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
     stream.set_nodelay(true)?;
     Ok(stream)
 }
