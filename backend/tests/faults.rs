@@ -169,8 +169,8 @@ async fn a_client_that_stops_reading_is_closed_with_1013_and_backend_memory_stay
     let during = rss_kib(backend.pid());
 
     // The close frame is queued behind everything the client did not read: it
-    // arrives once the client catches up, unless the client's own late writes
-    // (pongs) meet the closed socket first and reset it. Either way the socket ends.
+    // arrives once the client catches up (the backend lingers for the client's
+    // close before it drops the socket).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut read = 0u64;
     let ending = loop {
@@ -181,9 +181,9 @@ async fn a_client_that_stops_reading_is_closed_with_1013_and_backend_memory_stay
             None => break "end".to_owned(),
         }
     };
-    assert!(ending == "close Some(1013)" || !ending.starts_with("close"), "ended with {ending}");
+    assert_eq!(ending, "close Some(1013)", "the socket ends with 1013 ({read} frames read first)");
     eprintln!("backend RSS: {before} KiB before, {during} KiB while the client did not read; {read} frames read");
-    assert!(during < before + 64 * 1024, "memory grew from {before} to {during} KiB");
+    assert!(during < before + 8 * 1024, "memory grew from {before} to {during} KiB");
     assert!(alive(backend.pid()));
     // The backend still serves others (answers this long outrun any reader with a
     // 64-event queue, so the check is an accepted chat, not a streamed one).

@@ -258,9 +258,15 @@ async fn sighup_applies_a_new_upstream_list_and_open_websockets_stay_up() {
     assert_eq!(echoed.into_text().unwrap().as_str(), "old:b");
 
     // A broken file changes nothing and keeps the proxy up.
+    let rejected = "proxy_config_reloads_total{result=\"rejected\"}";
+    let before = proxy.metric(rejected).await;
     std::fs::write(&proxy.config_path, "[upstreams.backends]\nservers = []\n").unwrap();
     proxy.hangup();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while proxy.metric(rejected).await == before {
+        assert!(tokio::time::Instant::now() < deadline, "the broken file was never read");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(proxy.is_running());
     assert_eq!(proxy.health().await.len(), 2);
 }

@@ -315,6 +315,13 @@ impl Proxy {
         serde_json::from_str(&r.body).unwrap()
     }
 
+    /// The value of one metric line of `/metrics` (0 when absent), e.g.
+    /// `proxy_config_reloads_total{result="rejected"}`.
+    pub async fn metric(&self, name: &str) -> u64 {
+        let r = get(self.status, "/metrics").await.expect("status listener answers");
+        r.body.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    }
+
     /// Health of each backend address of the `backends` group.
     pub async fn health(&self) -> HashMap<String, String> {
         let u = self.upstreams().await;
