@@ -227,3 +227,26 @@ async fn shutdown_ends_in_flight_streams_with_an_error_after_the_grace_period() 
     assert_eq!(last.code.as_deref(), Some("node_shutdown"));
     draining.await.unwrap();
 }
+
+#[tokio::test]
+async fn an_answer_longer_than_the_stream_keeps_is_cut_with_length_and_stored_whole() {
+    let redis = redis_url();
+    let mut config = fast_config(&redis, "ai-t-long");
+    config.stream_max_len = 16;
+    if let EngineConfig::Synthetic(s) = &mut config.engine {
+        s.answer_tokens = 40;
+    }
+    let node = TestNode::start(config).await;
+    let session = unique("s");
+    let mut sub = Subscriber::session(&redis, &session).await;
+    let res = http().post(node.url("/chat")).json(&json!({"session_id": session, "message": "go on and on"})).send().await;
+    let body: Value = res.unwrap().json().await.unwrap();
+    let request_id = body["request_id"].as_str().unwrap().to_owned();
+
+    let events = sub.until_end(&request_id).await;
+    assert_eq!(events.len(), 16, "15 chunks and the end fill the stream's 16 entries");
+    let last = events.last().unwrap();
+    assert_eq!((last.kind, last.finish_reason.as_deref()), (EventKind::Done, Some("length")));
+    assert_eq!(stored_events(&redis, &request_id).await, events, "nothing was trimmed: a late reader gets it all");
+    node.shutdown().await;
+}
