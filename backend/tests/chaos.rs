@@ -1,8 +1,9 @@
 //! Randomized exactly-once: clients on shared and separate sessions chat,
 //! drop their sockets at random points, reconnect to a random backend after
 //! 0-2 s and resume (at once, late, twice, or first past the end), while AI
-//! nodes are frozen (SIGSTOP) for less and for more than their lease. Nodes
-//! tag their text with their id, so two producers of one answer show.
+//! nodes are frozen (SIGSTOP) for less and for more than their lease, one is
+//! killed half way, and one is slow (2 s to its first piece). Nodes tag their
+//! text with their id, so two producers of one answer show.
 //!
 //! For every socket and request: seqs strictly increasing with no gap from
 //! where the socket started, epochs never going back, every event equal to
@@ -59,12 +60,15 @@ async fn random_disconnects_resumes_and_frozen_nodes_keep_every_socket_exactly_o
 
     let redis = redis_url();
     let pace = Pace { first_token_ms: 5, tokens_per_second: 20.0, answer_tokens: 24 };
-    let nodes = Arc::new([
+    // The third node is slow: 2 s to its first piece (past the stall timeout
+    // and the lease), then 5 pieces a second. Slow is alive: never taken over.
+    let slow = Pace { first_token_ms: 2_000, tokens_per_second: 5.0, answer_tokens: 24 };
+    let started = [
         AiNode::start_tagged(&redis, pace).await,
         AiNode::start_tagged(&redis, pace).await,
-        AiNode::start_tagged(&redis, pace).await,
-    ]);
-    let refs: Vec<&AiNode> = nodes.iter().collect();
+        AiNode::start_tagged(&redis, slow).await,
+    ];
+    let refs: Vec<&AiNode> = started.iter().collect();
     let backends = Arc::new([
         Backend::builder(&redis, &refs).set("stream", "stall_timeout_ms", 500).start().await,
         Backend::builder(&redis, &refs).set("stream", "stall_timeout_ms", 500).start().await,
@@ -72,27 +76,46 @@ async fn random_disconnects_resumes_and_frozen_nodes_keep_every_socket_exactly_o
     for b in backends.iter() {
         b.wait_healthy_nodes(3).await;
     }
+    let ids: Vec<String> = started.iter().map(|n| n.node_id.clone()).collect();
+    let nodes: Arc<Vec<Mutex<AiNode>>> = Arc::new(started.into_iter().map(Mutex::new).collect());
     let deadline = Instant::now() + Duration::from_secs(secs);
     let shared = [unique("shared"), unique("shared")];
     let answers = Arc::new(Mutex::new(Vec::<Answer>::new()));
     let freezes = Arc::new(Mutex::new(Vec::<Freeze>::new()));
 
-    // Freezes one node at a time, now short, now long. Never all: a frozen
-    // node's answers need a live one to move to.
+    // Freezes one node at a time, now short, now long, and once, half way,
+    // kills one of the fast ones (SIGKILL; counted as a freeze that never
+    // ends). Never all at once: a frozen node's answers need a live one.
     let chaos = {
-        let (nodes, freezes) = (nodes.clone(), freezes.clone());
+        let (nodes, freezes, ids) = (nodes.clone(), freezes.clone(), ids.clone());
         tokio::spawn(async move {
             let mut rng = fastrand::Rng::with_seed(seed ^ 0x5eed);
+            let half_way = Instant::now() + Duration::from_secs(secs / 2);
+            let mut killed: Option<usize> = None;
             while Instant::now() + Duration::from_secs(6) < deadline {
                 tokio::time::sleep(Duration::from_millis(rng.u64(500..2_000))).await;
-                let node = &nodes[rng.usize(0..3)];
+                if killed.is_none() && Instant::now() > half_way {
+                    let victim = rng.usize(0..2);
+                    let from = Instant::now();
+                    nodes[victim].lock().unwrap().kill();
+                    let to = from + Duration::from_secs(3_600);
+                    freezes.lock().unwrap().push(Freeze { node_id: ids[victim].clone(), from, to, long: true });
+                    killed = Some(victim);
+                    continue;
+                }
+                let pick = loop {
+                    let n = rng.usize(0..3);
+                    if Some(n) != killed {
+                        break n;
+                    }
+                };
                 let long = rng.bool();
                 let hold = if long { NODE_LEASE_MS * 3 } else { NODE_LEASE_MS / 3 };
                 let from = Instant::now();
-                node.pause();
+                nodes[pick].lock().unwrap().pause();
                 tokio::time::sleep(Duration::from_millis(hold)).await;
-                node.unpause();
-                freezes.lock().unwrap().push(Freeze { node_id: node.node_id.clone(), from, to: Instant::now(), long });
+                nodes[pick].lock().unwrap().unpause();
+                freezes.lock().unwrap().push(Freeze { node_id: ids[pick].clone(), from, to: Instant::now(), long });
             }
         })
     };
@@ -177,7 +200,7 @@ async fn random_disconnects_resumes_and_frozen_nodes_keep_every_socket_exactly_o
                     .any(|f| f.long && f.node_id == old && f.from < answer.ended && f.to > answer.started);
                 assert!(
                     frozen,
-                    "{} was taken from {old}, which was never frozen past its lease while it ran",
+                    "{} was taken from {old}, which was neither killed nor frozen past its lease while it ran",
                     answer.request_id
                 );
             }
