@@ -239,7 +239,8 @@ async fn an_answer_longer_than_the_stream_keeps_is_cut_with_length_and_stored_wh
     let node = TestNode::start(config).await;
     let session = unique("s");
     let mut sub = Subscriber::session(&redis, &session).await;
-    let res = http().post(node.url("/chat")).json(&json!({"session_id": session, "message": "go on and on"})).send().await;
+    let res =
+        http().post(node.url("/chat")).json(&json!({"session_id": session, "message": "go on and on"})).send().await;
     let body: Value = res.unwrap().json().await.unwrap();
     let request_id = body["request_id"].as_str().unwrap().to_owned();
 

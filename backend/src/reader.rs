@@ -42,7 +42,15 @@ impl Reader {
     /// Waits for the next thing to do. Cancel-safe.
     pub async fn wake(&mut self) -> Wake {
         if self.follower.is_behind() {
-            return Wake::Behind;
+            // Catching up on stored pages, the hub's queue is still drained,
+            // so a long live answer cannot get its reader dropped meanwhile
+            // (an event ahead of the cursor just reads the next page).
+            use tokio::sync::mpsc::error::TryRecvError;
+            return match self.attachment.rx.try_recv() {
+                Ok(delivery) => Wake::Delivery(Some(delivery)),
+                Err(TryRecvError::Empty) => Wake::Behind,
+                Err(TryRecvError::Disconnected) => Wake::Delivery(None),
+            };
         }
         tokio::select! {
             delivery = self.attachment.rx.recv() => Wake::Delivery(delivery),

@@ -257,3 +257,71 @@ fn sse_data(text: &str) -> Vec<Value> {
         .map(|d| serde_json::from_str(d.trim()).unwrap())
         .collect()
 }
+
+#[tokio::test]
+async fn an_sse_reader_too_slow_gets_a_last_error_and_resumes_the_rest() {
+    let redis = redis_url();
+    // 40,000 events as fast as the node can: about 10 MB of SSE, more than
+    // the socket buffers and the backend's 64-event queue hold.
+    let pace = Pace { first_token_ms: 1, tokens_per_second: 0.0, answer_tokens: 40_000 };
+    let node = AiNode::start_keeping(&redis, pace, 50_000).await;
+    let backend = Backend::builder(&redis, &[&node])
+        .set("limits", "ws_send_queue", 64)
+        .set("limits", "ws_send_timeout_ms", 5_000)
+        .start()
+        .await;
+    backend.wait_healthy_nodes(1).await;
+
+    let res = http()
+        .post(backend.url("/api/chat"))
+        .header("accept", "text/event-stream")
+        .json(&json!({"session_id": unique("s"), "message": "flood the stream"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    // Read nothing until the backend gives up on this reader.
+    let slow = "backend_ws_slow_consumers_total ";
+    assert!(eventually(Duration::from_secs(40), || async { metric(&backend, slow).await > 0 }).await, "never dropped");
+    let text = tokio::time::timeout(Duration::from_secs(60), res.text()).await.expect("the stream ends").unwrap();
+    let got = sse_data(&text);
+    let last = got.last().unwrap();
+    assert_eq!((last["type"].as_str(), last["code"].as_str()), (Some("error"), Some("too_slow")), "{last}");
+    assert!(!text.trim_end().rsplit("\n\n").next().unwrap().contains("id:"), "the notice has no id");
+    let seqs: Vec<u64> = got.iter().filter_map(|e| e["seq"].as_u64()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "in order, no gap, up to the drop");
+    let request_id = got[0]["request_id"].as_str().unwrap();
+
+    // Resumed once the answer is whole (resumed while the producer still
+    // outran it, this reader would be dropped again, as it should be).
+    let client = redis::Client::open(redis.as_str()).unwrap();
+    let ended = eventually(Duration::from_secs(60), || {
+        let client = client.clone();
+        let key = format!("chat:req:{request_id}:claim");
+        async move {
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let ended: Option<u64> = redis::cmd("HGET").arg(key).arg("ended").query_async(&mut conn).await.unwrap();
+            ended.is_some()
+        }
+    });
+    assert!(ended.await, "the answer ended");
+    let rest = http()
+        .get(backend.url(&format!("/api/chat/{request_id}/events")))
+        .header("last-event-id", seqs.len().to_string())
+        .send()
+        .await
+        .unwrap();
+    let rest = sse_data(&tokio::time::timeout(Duration::from_secs(60), rest.text()).await.unwrap().unwrap());
+    let resumed: Vec<u64> = rest.iter().filter_map(|e| e["seq"].as_u64()).collect();
+    let all: Vec<u64> = seqs.iter().copied().chain(resumed.iter().copied()).collect();
+    let first_wrong = all.iter().enumerate().find(|(i, s)| **s != *i as u64 + 1);
+    assert!(
+        first_wrong.is_none() && all.len() as u64 == pace.events(),
+        "the resume brings the rest, nothing twice: {} before the drop, {} resumed (from {:?}), {} in all, first out of place {first_wrong:?}; last resumed frame {}",
+        seqs.len(),
+        resumed.len(),
+        resumed.first(),
+        all.len(),
+        rest.last().map(|v| v.to_string()).unwrap_or_default()
+    );
+}

@@ -35,3 +35,38 @@ async fn pubsub_connection_killed_mid_stream_loses_no_chunk() {
     assert_complete(&events, 1);
     assert_eq!(events.len() as u64, Pace::SLOW.events());
 }
+
+#[tokio::test]
+async fn a_subscribe_refused_on_a_live_connection_is_retried_until_it_holds() {
+    // The backend connects as a user whose channel rights an ACL change takes
+    // away and gives back: its SUBSCRIBE then fails on a connection that stays up.
+    let redis = OwnRedis::start();
+    redis.command(&["ACL", "SETUSER", "gateway", "on", ">pw", "~*", "allchannels", "+@all"]);
+    let gateway_url = redis.url().replace("redis://", "redis://gateway:pw@");
+    let node = AiNode::start(&redis.url(), Pace::QUICK).await;
+    // Stall checks a minute apart: the answer below can only come live.
+    let backend = Backend::builder(&gateway_url, &[&node]).set("stream", "stall_timeout_ms", 60_000).start().await;
+    backend.wait_healthy_nodes(1).await;
+    let reconnects = "backend_pubsub_reconnects_total ";
+    let before = metric(&backend, reconnects).await;
+
+    redis.command(&["ACL", "SETUSER", "gateway", "resetchannels"]);
+    let mut ws = Ws::connect(&backend, &unique("s")).await;
+    // The socket's SUBSCRIBE is refused (NOPERM); give the rights back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.command(&["ACL", "SETUSER", "gateway", "allchannels"]);
+
+    // The backend reconnects and subscribes every attached session again
+    // (counted only once they all hold), within its backoff of at most 2 s.
+    let resubscribed = eventually(Duration::from_secs(10), || async { metric(&backend, reconnects).await > before });
+    assert!(resubscribed.await, "the refused SUBSCRIBE was never retried");
+    let accepted = ws.chat("are you subscribed?").await;
+    let events = ws.until_end(&accepted.request_id).await;
+    assert_complete(&events, 1);
+    assert_eq!(events.len() as u64, Pace::QUICK.events(), "the answer came live, whole");
+}
+
+async fn metric(backend: &Backend, name: &str) -> u64 {
+    let text = http().get(backend.metrics_url()).send().await.unwrap().text().await.unwrap();
+    text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}

@@ -201,16 +201,23 @@ pub struct AiNode {
 
 impl AiNode {
     pub async fn start(redis_url: &str, pace: Pace) -> AiNode {
-        Self::start_with(redis_url, pace, false).await
+        Self::start_with(redis_url, pace, false, None).await
+    }
+
+    /// A node whose streams keep `max_len` events (answers longer than the
+    /// default 10,000).
+    pub async fn start_keeping(redis_url: &str, pace: Pace, max_len: usize) -> AiNode {
+        Self::start_with(redis_url, pace, false, Some(max_len)).await
     }
 
     /// A node whose every piece ends with its id, so that two producers of
     /// one answer show in its text.
     pub async fn start_tagged(redis_url: &str, pace: Pace) -> AiNode {
-        Self::start_with(redis_url, pace, true).await
+        Self::start_with(redis_url, pace, true, None).await
     }
 
-    async fn start_with(redis_url: &str, pace: Pace, tagged: bool) -> AiNode {
+    async fn start_with(redis_url: &str, pace: Pace, tagged: bool, max_len: Option<usize>) -> AiNode {
+        let max_len = max_len.map(|n| format!("max_len = {n}\n")).unwrap_or_default();
         let node_id = unique("ai");
         let tag = if tagged { format!("tag = \"[{node_id}]\"\n") } else { String::new() };
         let dir = tempfile::tempdir().unwrap();
@@ -218,7 +225,7 @@ impl AiNode {
         std::fs::write(
             &config,
             format!(
-                "[server]\nshutdown_grace_ms = 500\n\n[stream]\nlease_ms = {NODE_LEASE_MS}\n\n[engine]\nkind = \"synthetic\"\n\n[engine.synthetic]\n\
+                "[server]\nshutdown_grace_ms = 500\n\n[stream]\nlease_ms = {NODE_LEASE_MS}\n{max_len}\n[engine]\nkind = \"synthetic\"\n\n[engine.synthetic]\n\
                  first_token_ms = {}\ntokens_per_second = {:.1}\nanswer_tokens = {}\n{tag}",
                 pace.first_token_ms, pace.tokens_per_second, pace.answer_tokens
             ),
@@ -593,6 +600,17 @@ impl OwnRedis {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs one command as the default user (`ACL SETUSER ...`, say).
+    pub fn command(&self, args: &[&str]) {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_connection_with_timeout(Duration::from_secs(2)).unwrap();
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        let () = cmd.query(&mut conn).unwrap_or_else(|e| panic!("{args:?}: {e}"));
     }
 
     /// `CLIENT KILL TYPE pubsub`; returns how many connections were killed.
