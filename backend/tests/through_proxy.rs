@@ -271,3 +271,81 @@ async fn many_websockets() {
         assert_eq!(frame["code"], "invalid_frame", "{frame}");
     }
 }
+
+#[tokio::test]
+async fn two_thousand_sockets_opening_chatting_and_closing_at_random_never_mark_a_backend_down() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let redis = redis_url();
+    let node = AiNode::start(&redis, Pace::QUICK).await;
+    let backends = [Backend::start(&redis, &[&node]).await, Backend::start(&redis, &[&node]).await];
+    for b in &backends {
+        b.wait_healthy_nodes(1).await;
+    }
+    let proxy = EdgeProxy::start(&[&backends[0], &backends[1]]).await;
+
+    // Watches the proxy's view of the backends all along (checks every 200 ms, fall = 1).
+    let stop = tokio_util::sync::CancellationToken::new();
+    let watcher = {
+        let (stop, url) = (stop.clone(), proxy.status_url("/upstreams"));
+        tokio::spawn(async move {
+            let mut downs = Vec::new();
+            while !stop.is_cancelled() {
+                if let Ok(res) = http().get(&url).send().await {
+                    let v: Value = res.json().await.unwrap_or_default();
+                    for b in backends_group(&v) {
+                        if b["health"] != "up" {
+                            downs.push(b.to_string());
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            downs
+        })
+    };
+
+    let seed = 0x5eed_c4u64;
+    let opened = std::sync::atomic::AtomicU64::new(0);
+    futures::stream::iter(0..2_000u64)
+        .for_each_concurrent(50, |i| {
+            let url = proxy.ws_url(&unique("churn"));
+            let opened = &opened;
+            async move {
+                let mut rng = fastrand::Rng::with_seed(seed + i);
+                let Ok(Ok((mut ws, _))) =
+                    tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(url.as_str())).await
+                else {
+                    return;
+                };
+                opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if rng.bool() {
+                    let chat = json!({"type": "chat", "message": format!("churn {i}")}).to_string();
+                    let _ = ws.send(Message::text(chat)).await;
+                    for _ in 0..rng.usize(0..4) {
+                        let _ = tokio::time::timeout(Duration::from_secs(2), ws.next()).await;
+                    }
+                }
+                if rng.bool() {
+                    let frame = CloseFrame { code: CloseCode::Normal, reason: "bye".into() };
+                    let _ = ws.send(Message::Close(Some(frame))).await;
+                }
+                // Dropped at once either way: with or without a close, unread frames or not.
+                drop(ws);
+            }
+        })
+        .await;
+    stop.cancel();
+    let downs = watcher.await.unwrap();
+    assert!(opened.into_inner() >= 1_900, "the sockets opened");
+    assert!(downs.is_empty(), "a healthy backend was marked down: {downs:?}");
+    let metrics = http().get(proxy.status_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let ejections: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("proxy_upstream_passive_ejections_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(ejections, 0, "no passive ejection: {metrics}");
+}

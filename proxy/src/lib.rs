@@ -15,6 +15,7 @@ pub mod health;
 pub mod limits;
 pub mod metrics;
 pub mod reload;
+pub mod signals;
 pub mod status;
 pub mod sticky;
 pub mod upstreams;
@@ -25,7 +26,7 @@ use std::sync::Arc;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
-use pingora_core::server::Server;
+use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
 
@@ -214,5 +215,7 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), ProxyError> {
     server.add_service(status);
 
     log::info!("proxy listening on {} (status on {})", config.listen.public, config.listen.status);
-    server.run_forever()
+    let signals = signals::Signals::new(&server.configuration.upgrade_sock);
+    server.run(RunArgs { shutdown_signal: Box::new(signals) });
+    std::process::exit(0)
 }

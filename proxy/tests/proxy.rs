@@ -509,6 +509,22 @@ async fn an_upgrade_that_gets_no_listeners_exits_non_zero_and_the_proxy_keeps_se
     assert_eq!(get(proxy.public, "/api/x").await.unwrap().status, 200);
 }
 
+#[tokio::test]
+async fn sigquit_with_no_new_process_waiting_is_ignored_and_the_proxy_keeps_serving() {
+    let backends = vec![Backend::start("only")];
+    let mut proxy = Proxy::start(&addrs(&backends), ProxyOptions::default()).await;
+    proxy.signal("QUIT");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !proxy.log().contains("no new process waits") {
+        assert!(Instant::now() < deadline, "the SIGQUIT was not read:\n{}", proxy.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Past Pingora's own drain (it would have closed the listeners by now).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(proxy.is_running(), "the proxy exited on a SIGQUIT nobody could take over from");
+    assert_eq!(get(proxy.public, "/api/x").await.unwrap().status, 200);
+}
+
 /// Reads one response (`Content-Length` body) from a keep-alive connection:
 /// its status and whether it says `Connection: close`.
 async fn read_one_response(conn: &mut tokio::net::TcpStream) -> Result<(u16, bool), String> {
@@ -594,4 +610,107 @@ async fn the_optional_tls_listener_serves_and_says_https_to_the_backend() {
     assert_eq!(r.status(), 200);
     let seen: serde_json::Value = r.json().await.unwrap();
     assert_eq!(seen["x_forwarded_proto"], "https");
+}
+
+/// Kills the daemons a test started, whatever happens to the test.
+struct Daemons(Vec<u32>);
+
+impl Drop for Daemons {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+        }
+    }
+}
+
+fn read_pid(path: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse().ok())
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+}
+
+#[tokio::test]
+async fn the_readme_upgrade_steps_work_for_a_daemon() {
+    let backends = vec![Backend::start("only")];
+    let dir = tempfile::tempdir().unwrap();
+    let (public, status) = (free_port(), free_port());
+    let config = dir.path().join("proxy.toml");
+    let options = ProxyOptions { server: "grace_period = \"1s\"\n".into(), ..Default::default() };
+    std::fs::write(&config, config_text(public, status, dir.path(), &addrs(&backends), &options)).unwrap();
+    let pid_file = dir.path().join("proxy.pid");
+    let run = |extra: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_proxy"));
+        command.arg("--config").arg(&config).args(extra).env("RUST_LOG", "info");
+        for var in ["PROXY_LISTEN", "PROXY_STATUS_LISTEN", "PROXY_BACKENDS"] {
+            command.env_remove(var);
+        }
+        command.status().unwrap()
+    };
+    let public = SocketAddr::from(([127, 0, 0, 1], public));
+    let mut daemons = Daemons(Vec::new());
+
+    // `proxy --config ... -d`: the command returns, the daemon serves.
+    assert!(run(&["-d"]).success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let old = loop {
+        if let Some(pid) = read_pid(&pid_file) {
+            if get(public, "/api/x").await.is_ok_and(|r| r.status == 200) {
+                break pid;
+            }
+        }
+        assert!(Instant::now() < deadline, "the daemon did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    daemons.0.push(old);
+
+    // `proxy --config ... -d -u &`: the command waits in the foreground for
+    // the listeners (the pid file still names the old daemon), then
+    // `kill -QUIT $(cat proxy.pid)`; after the hand-over the new process
+    // daemonizes, and the command returns.
+    let upgrading = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_proxy"))
+                .arg("--config")
+                .arg(&config)
+                .args(["-d", "-u"])
+                .env("RUST_LOG", "info")
+                .env_remove("PROXY_LISTEN")
+                .env_remove("PROXY_STATUS_LISTEN")
+                .env_remove("PROXY_BACKENDS")
+                .status()
+                .unwrap()
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !signals_listener(dir.path()) {
+        assert!(Instant::now() < deadline, "the new process never waited for the listeners");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(read_pid(&pid_file), Some(old), "the pid file still names the old daemon");
+    let quit = format!("kill -QUIT $(cat {})", pid_file.display());
+    assert!(Command::new("sh").arg("-c").arg(&quit).status().unwrap().success(), "{quit}");
+    let returned = tokio::time::timeout(Duration::from_secs(20), upgrading).await.expect("the -d -u command returns");
+    assert!(returned.unwrap().success());
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while alive(old) {
+        let r = get(public, "/api/x").await.expect("a request failed during the upgrade");
+        assert_eq!(r.status, 200);
+        assert!(Instant::now() < deadline, "the old daemon did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let new = read_pid(&pid_file).expect("the new daemon's pid file");
+    daemons.0.push(new);
+    assert_ne!(new, old);
+    assert!(alive(new));
+    assert_eq!(get(public, "/api/x").await.unwrap().status, 200);
+}
+
+/// Whether the new process listens on the test's upgrade socket.
+fn signals_listener(dir: &std::path::Path) -> bool {
+    proxy::signals::someone_listens_on(dir.join("upgrade.sock").to_str().unwrap())
 }
