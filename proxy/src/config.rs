@@ -179,6 +179,9 @@ pub struct FileClient {
     /// Largest request body accepted.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: u64,
+    /// Largest request head (request line and headers) accepted.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: Spanned<usize>,
     /// Open client connections allowed at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: Spanned<usize>,
@@ -334,6 +337,12 @@ fn default_write_buffer() -> Spanned<usize> {
 fn default_max_body_bytes() -> u64 {
     1024 * 1024
 }
+fn default_max_header_bytes() -> Spanned<usize> {
+    unspanned(32 * 1024)
+}
+/// The lean path reads heads of up to 16 KiB itself: a smaller limit would
+/// have to be checked there too.
+const MIN_HEADER_BYTES: usize = 16 * 1024;
 fn default_max_connections() -> Spanned<usize> {
     unspanned(10_000)
 }
@@ -420,6 +429,7 @@ impl Default for FileClient {
             body_timeout: default_body_timeout(),
             keepalive_timeout: default_keepalive_timeout(),
             max_body_bytes: default_max_body_bytes(),
+            max_header_bytes: default_max_header_bytes(),
             max_connections: default_max_connections(),
             requests_per_second: 0,
             read_buffer: default_read_buffer(),
@@ -562,6 +572,8 @@ pub struct ClientSettings {
     pub keepalive_timeout: Duration,
     /// Largest body accepted.
     pub max_body_bytes: u64,
+    /// Largest request head accepted (431 past it).
+    pub max_header_bytes: usize,
     /// Open connections allowed.
     pub max_connections: usize,
     /// Requests per second per client IP; 0 is unlimited.
@@ -768,6 +780,11 @@ impl<'a> Checker<'a> {
                 Err(reason) => self.problem(&format!("client.trusted_proxies[{i}]"), cidr, reason),
             }
         }
+        let header_bytes = &raw.client.max_header_bytes;
+        if !(MIN_HEADER_BYTES..=1 << 20).contains(header_bytes.get_ref()) {
+            let why = format!("must be between {MIN_HEADER_BYTES} and {} bytes", 1 << 20);
+            self.problem("client.max_header_bytes", header_bytes, why);
+        }
         if *raw.client.max_connections.get_ref() == 0 {
             self.problem("client.max_connections", &raw.client.max_connections, "must be at least 1".into());
         }
@@ -784,6 +801,7 @@ impl<'a> Checker<'a> {
             body_timeout: self.positive_duration("client.body_timeout", &raw.client.body_timeout),
             keepalive_timeout: self.duration("client.keepalive_timeout", &raw.client.keepalive_timeout),
             max_body_bytes: raw.client.max_body_bytes,
+            max_header_bytes: *raw.client.max_header_bytes.get_ref(),
             max_connections: *raw.client.max_connections.get_ref(),
             requests_per_second: raw.client.requests_per_second,
             read_buffer: *raw.client.read_buffer.get_ref(),

@@ -182,6 +182,18 @@ impl ProxyHttp for Edge {
             return Ok(true);
         }
 
+        let head = session.req_header();
+        let head_bytes = head.method.as_str().len()
+            + head.uri.to_string().len()
+            + head.headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum::<usize>();
+        if head_bytes > config.client.max_header_bytes {
+            self.state.metrics.rejected.with_label_values(&["header_too_large"]).inc();
+            ctx.answered = Some(431);
+            session.set_keepalive(None);
+            answer(session, 431, "header_too_large", "request head too large", &ctx.request_id).await?;
+            return Ok(true);
+        }
+
         let too_large = session
             .req_header()
             .headers

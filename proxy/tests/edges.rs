@@ -154,3 +154,26 @@ async fn pooled_connections_the_backend_closed_cost_no_request() {
     }
     assert!(!proxy.log().contains("out for"), "a closed pooled connection took the backend out:\n{}", proxy.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_past_max_header_bytes_gets_431_and_a_large_one_within_it_goes_through() {
+    let backends = [Backend::start("only")];
+    let proxy = Proxy::start(&[backends[0].addr], ProxyOptions::default()).await;
+    let with_header = |bytes: usize| {
+        format!("GET /h HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\nConnection: close\r\n\r\n", "b".repeat(bytes))
+    };
+    // 20 KB: past the lean path's 16 KiB, served by Pingora's path, within the 32 KiB default.
+    let out = raw_exchange(me(), proxy.public, with_header(20_000).as_bytes(), Duration::from_secs(5)).await.unwrap();
+    assert_eq!(answers(&out).1, [200], "{}", String::from_utf8_lossy(&out[..out.len().min(300)]));
+    // One 64 KB header: refused with the JSON error, never forwarded.
+    let out = raw_exchange(me(), proxy.public, with_header(65_536).as_bytes(), Duration::from_secs(5)).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(answers(&out).1, [431], "{text}");
+    assert!(text.contains("\"code\":\"header_too_large\""), "{text}");
+    // A method name of 40,000 letters counts too.
+    let long_method = format!("{} /h HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", "A".repeat(40_000));
+    let out =
+        raw_exchange(me(), proxy.public, long_method.as_bytes(), Duration::from_secs(5)).await.unwrap_or_default();
+    let statuses = answers(&out).1;
+    assert!(statuses.iter().all(|s| (400..500).contains(s)), "refused, never forwarded: {statuses:?}");
+}
