@@ -14,7 +14,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 pub use chat_wire::http::ApiError;
 use chat_wire::ledger::RequestRecord;
-use serde::Deserialize;
 use serde_json::json;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -34,50 +33,16 @@ pub fn router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
-/// The body of `POST /chat`. Unknown fields are ignored: callers may add some.
-#[derive(Debug, Deserialize)]
-pub struct ChatRequest {
-    pub session_id: String,
-    pub message: String,
-    #[serde(default)]
-    pub user_id: Option<String>,
-    #[serde(default)]
-    pub request_id: Option<String>,
-    /// Set by a backend taking over a request whose node died mid-stream.
-    #[serde(default)]
-    pub takeover: Option<Takeover>,
-}
-
-/// Continue a request after what was already streamed, as its producer at `epoch`.
-#[derive(Debug, Deserialize)]
-pub struct Takeover {
-    /// The epoch the backend fenced the request at.
-    pub epoch: u64,
-    /// The last `seq` already stored; this node continues at `after_seq + 1`.
-    pub after_seq: u64,
-    /// The answer's text so far, which this node continues.
-    #[serde(default)]
-    pub text: String,
-}
+/// The body of `POST /chat`: the backend-to-node contract, in `chat_wire`.
+pub use chat_wire::node_api::{NodeAccepted, NodeChat as ChatRequest, Takeover};
 
 async fn chat(
     State(node): State<Arc<Node>>,
     payload: Result<Json<ChatRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = payload?;
-    let invalid = ApiError::invalid;
-    chat_wire::validate_id("session_id", &req.session_id).map_err(invalid)?;
-    chat_wire::validate_message(&req.message).map_err(invalid)?;
-    if let Some(user) = &req.user_id {
-        chat_wire::validate_id("user_id", user).map_err(invalid)?;
-    }
-    let request_id = match req.request_id {
-        Some(id) => {
-            chat_wire::validate_id("request_id", &id).map_err(invalid)?;
-            id
-        }
-        None => chat_wire::new_request_id(),
-    };
+    req.validate().map_err(ApiError::invalid)?;
+    let request_id = req.request_id.clone().unwrap_or_else(chat_wire::new_request_id);
     if node.draining.load(Ordering::Relaxed) {
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "this AI node is shutting down"));
     }
@@ -139,13 +104,8 @@ async fn chat(
             }
         }
     };
-    let body = json!({
-        "request_id": request_id,
-        "session_id": req.session_id,
-        "node": holder,
-        "status": "accepted",
-        "duplicate": duplicate,
-    });
+    let body =
+        NodeAccepted { request_id, session_id: req.session_id, node: holder, status: "accepted".into(), duplicate };
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 

@@ -2,9 +2,8 @@
 //! /api/ai-health`, `GET /health`, the WebSocket route, and the one JSON error
 //! shape. Every answer carries `X-Backend-Id`.
 
+use crate::chat::{start_chat, ChatBody};
 use crate::follow::{Out, ResumeError};
-use crate::limits::Limited;
-use crate::nodes::{DispatchError, NodeChat};
 use crate::reader::{Reader, TooSlow};
 use crate::{ws, App};
 use axum::extract::rejection::JsonRejection;
@@ -46,71 +45,7 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-pub use chat_wire::http::ApiError;
-
-/// 429 for the bucket that ran dry.
-pub fn limited(which: Limited) -> ApiError {
-    let what = match which {
-        Limited::Session => "this session",
-        Limited::Ip => "this client",
-    };
-    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", format!("too many chats from {what}; slow down"))
-}
-
-impl From<DispatchError> for ApiError {
-    fn from(e: DispatchError) -> Self {
-        match e {
-            DispatchError::Deadline(_) => ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", e.to_string()),
-            DispatchError::NoNode { .. } => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_node_available", e.to_string())
-            }
-            DispatchError::Rejected { .. } => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()),
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-pub struct ChatBody {
-    pub session_id: String,
-    pub message: String,
-    #[serde(default)]
-    pub user_id: Option<String>,
-}
-
-/// Validates, rate-limits and dispatches one chat; the request id is fixed here.
-pub async fn start_chat(
-    app: &App,
-    ip: std::net::IpAddr,
-    body: ChatBody,
-    request_id: String,
-) -> Result<crate::nodes::Accepted, ApiError> {
-    let result = async {
-        chat_wire::validate_id("session_id", &body.session_id).map_err(ApiError::invalid)?;
-        chat_wire::validate_message(&body.message).map_err(ApiError::invalid)?;
-        if let Some(user) = &body.user_id {
-            chat_wire::validate_id("user_id", user).map_err(ApiError::invalid)?;
-        }
-        if app.draining.load(Ordering::Relaxed) {
-            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "this backend is shutting down"));
-        }
-        app.limits.admit_chat(&body.session_id, ip).map_err(limited)?;
-        let chat = NodeChat {
-            request_id,
-            session_id: body.session_id,
-            message: body.message,
-            user_id: body.user_id,
-            takeover: None,
-        };
-        Ok(app.pool.dispatch(&chat).await?)
-    }
-    .await;
-    let outcome = match &result {
-        Ok(_) => "accepted",
-        Err(e) => e.code,
-    };
-    app.metrics.chats.with_label_values(&[outcome]).inc();
-    result
-}
+pub use crate::chat::ApiError;
 
 async fn chat(
     State(app): State<Arc<App>>,

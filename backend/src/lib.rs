@@ -6,6 +6,7 @@
 //! pub/sub (`hub`), exactly once and in order (`follow`).
 
 pub mod api;
+pub mod chat;
 pub mod config;
 pub mod follow;
 pub mod hub;

@@ -14,7 +14,7 @@ use pingora_load_balancing::discovery::ServiceDiscovery;
 use pingora_load_balancing::health_check::HttpHealthCheck;
 use pingora_load_balancing::selection::RoundRobin;
 use pingora_load_balancing::{Backend, Backends, LoadBalancer};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,26 +23,7 @@ use thiserror::Error;
 /// How long one name resolution may take during discovery.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The body the backend sends to a node's `POST /chat`.
-#[derive(Debug, Clone, Serialize)]
-pub struct NodeChat {
-    pub request_id: String,
-    pub session_id: String,
-    pub message: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub user_id: Option<String>,
-    /// Set when continuing a request whose node died mid-stream.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub takeover: Option<TakeoverBody>,
-}
-
-/// The continuation the new node is asked for (see `takeover`).
-#[derive(Debug, Clone, Serialize)]
-pub struct TakeoverBody {
-    pub epoch: u64,
-    pub after_seq: u64,
-    pub text: String,
-}
+pub use chat_wire::node_api::{NodeAccepted, NodeChat, Takeover};
 
 /// A node's acceptance.
 #[derive(Debug, Clone)]
@@ -51,11 +32,6 @@ pub struct Accepted {
     pub node_url: String,
     /// The node's own id, from its answer.
     pub node_id: String,
-}
-
-#[derive(Debug, Deserialize)]
-struct NodeAccepted {
-    node: String,
 }
 
 #[derive(Debug, Error)]
@@ -239,7 +215,11 @@ impl AiPool {
                 }
                 Ok(Ok(resp)) => format!("{url} answered {}", resp.status()),
             };
-            log::warn!("request_id={} attempt={} failed: {failure}", chat.request_id, attempt + 1);
+            log::warn!(
+                "request_id={} attempt={} failed: {failure}",
+                chat.request_id.as_deref().unwrap_or("-"),
+                attempt + 1
+            );
             self.metrics.dispatch.with_label_values(&[&url, "failed"]).inc();
             last = failure;
         }

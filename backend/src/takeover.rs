@@ -6,7 +6,7 @@
 //! the request is ended for everyone with a stored `node_failed` error.
 
 use crate::metrics::Metrics;
-use crate::nodes::{AiPool, DispatchError, NodeChat, TakeoverBody};
+use crate::nodes::{AiPool, DispatchError, NodeChat, Takeover};
 use chat_wire::ledger::{Emitted, Fence, Ledger};
 use chat_wire::{Event, EventKind};
 use std::collections::HashSet;
@@ -92,11 +92,11 @@ impl Takeovers {
             record.node
         );
         let chat = NodeChat {
-            request_id: request_id.to_owned(),
+            request_id: Some(request_id.to_owned()),
             session_id: record.session_id.clone(),
             message: record.message,
             user_id: record.user_id,
-            takeover: Some(TakeoverBody { epoch, after_seq, text }),
+            takeover: Some(Takeover { epoch, after_seq, text }),
         };
         match self.pool.dispatch(&chat).await {
             Ok(accepted) => {

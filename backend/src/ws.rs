@@ -6,7 +6,7 @@
 //! Dispatches run in their own tasks so a slow AI node never blocks the
 //! stream of another request on the same socket.
 
-use crate::api::{start_chat, ChatBody};
+use crate::chat::{start_chat, ApiError, ChatBody};
 use crate::follow::{Out, ResumeError};
 use crate::limits::{quota, SOCKET_RESUMES_PER_SEC, SOCKET_RESUME_BURST};
 use crate::nodes::Accepted;
@@ -75,17 +75,13 @@ pub async fn upgrade(
 ) -> Response {
     let session_id = params.session_id.unwrap_or_default();
     if let Err(e) = chat_wire::validate_id("session_id", &session_id) {
-        return crate::api::ApiError::invalid(e).into_response();
+        return ApiError::invalid(e).into_response();
     }
     if app.metrics.ws_active.get() as usize >= app.config.max_sockets
         || app.draining.load(std::sync::atomic::Ordering::Relaxed)
     {
-        return crate::api::ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "this backend takes no more sockets",
-        )
-        .into_response();
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "this backend takes no more sockets")
+            .into_response();
     }
     let ip = app.limits.client_ip(peer, &headers);
     // The transport accepts up to 4x the limit so an oversized frame is read
@@ -121,8 +117,7 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr)
     let mut reader = Reader::attach(&app, &session_id).await;
     // Boxed: a channel allocates a block of 32 slots up front, and every
     // socket has one (an unboxed slot is ~90 bytes, ~3 KB per idle socket).
-    let (done_tx, mut done_rx) =
-        mpsc::channel::<Box<(String, Result<Accepted, crate::api::ApiError>)>>(MAX_DISPATCHING);
+    let (done_tx, mut done_rx) = mpsc::channel::<Box<(String, Result<Accepted, ApiError>)>>(MAX_DISPATCHING);
     let mut dispatching = 0usize;
     let mut resumes: Option<Box<DefaultDirectRateLimiter>> = None;
     let mut ping_tick = tokio::time::interval(app.config.ws_ping_interval);
@@ -144,12 +139,8 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr)
                         let _ = tokio::time::timeout(app.config.ws_send_timeout, tx.close()).await;
                         break None;
                     }
-                    Some(Err(e)) => {
-                        if e.to_string().contains("Space limit exceeded") {
-                            break Some((close::TOO_BIG, "frame too large"));
-                        }
-                        break None;
-                    }
+                    Some(Err(e)) if past_hard_cap(&e) => break Some((close::TOO_BIG, "frame too large")),
+                    Some(Err(_)) => break None,
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                     Some(Ok(Message::Text(t))) if t.len() > app.config.max_frame_bytes => break Some((close::TOO_BIG, "frame too large")),
                     Some(Ok(Message::Binary(b))) if b.len() > app.config.max_frame_bytes => break Some((close::TOO_BIG, "frame too large")),
@@ -267,6 +258,13 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr)
         };
         let _ = tokio::time::timeout(CLOSE_LINGER, drain).await;
     }
+}
+
+/// Whether the transport refused a frame past its hard cap (tungstenite's
+/// capacity error, under axum's error type).
+fn past_hard_cap(e: &axum::Error) -> bool {
+    let inner = std::error::Error::source(e).and_then(|s| s.downcast_ref::<tungstenite::Error>());
+    matches!(inner, Some(tungstenite::Error::Capacity(_)))
 }
 
 /// One frame to send to the client.

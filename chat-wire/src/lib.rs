@@ -2,7 +2,8 @@
 //!
 //! Three things live here because both sides must agree on them exactly:
 //! the stream events (`events`), the Redis key and channel names (`keys`), and
-//! the rules for ids and messages that both sides validate (`ids`), and the
+//! the rules for ids and messages that both sides validate (`ids`); with them
+//! the backend-to-node contract (`node_api`), and the
 //! one way both talk to Redis for commands (`redis_conn`), and the HTTP
 //! pieces both serve alike (`http`: the JSON error shape, access log, signals,
 //! config file reading).
@@ -13,6 +14,7 @@ pub mod http;
 pub mod ids;
 pub mod keys;
 pub mod ledger;
+pub mod node_api;
 pub mod redis_conn;
 pub mod service;
 

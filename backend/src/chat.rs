@@ -1,0 +1,71 @@
+//! The chat service: validation, rate limits and dispatch of one chat to an
+//! AI node. Both faces call it, the HTTP one (`api`) and the WebSocket one
+//! (`ws`), so neither reaches into the other.
+
+use crate::limits::Limited;
+use crate::nodes::{Accepted, DispatchError, NodeChat};
+use crate::App;
+use axum::http::StatusCode;
+pub use chat_wire::http::ApiError;
+use serde::Deserialize;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+
+/// 429 for the bucket that ran dry.
+pub fn limited(which: Limited) -> ApiError {
+    let what = match which {
+        Limited::Session => "this session",
+        Limited::Ip => "this client",
+    };
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", format!("too many chats from {what}; slow down"))
+}
+
+impl From<DispatchError> for ApiError {
+    fn from(e: DispatchError) -> Self {
+        match e {
+            DispatchError::Deadline(_) => ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", e.to_string()),
+            DispatchError::NoNode { .. } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_node_available", e.to_string())
+            }
+            DispatchError::Rejected { .. } => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatBody {
+    pub session_id: String,
+    pub message: String,
+    #[serde(default)]
+    pub user_id: Option<String>,
+}
+
+/// Validates, rate-limits and dispatches one chat; the request id is fixed here.
+pub async fn start_chat(app: &App, ip: IpAddr, body: ChatBody, request_id: String) -> Result<Accepted, ApiError> {
+    let result = async {
+        chat_wire::validate_id("session_id", &body.session_id).map_err(ApiError::invalid)?;
+        chat_wire::validate_message(&body.message).map_err(ApiError::invalid)?;
+        if let Some(user) = &body.user_id {
+            chat_wire::validate_id("user_id", user).map_err(ApiError::invalid)?;
+        }
+        if app.draining.load(Ordering::Relaxed) {
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "this backend is shutting down"));
+        }
+        app.limits.admit_chat(&body.session_id, ip).map_err(limited)?;
+        let chat = NodeChat {
+            request_id: Some(request_id),
+            session_id: body.session_id,
+            message: body.message,
+            user_id: body.user_id,
+            takeover: None,
+        };
+        Ok(app.pool.dispatch(&chat).await?)
+    }
+    .await;
+    let outcome = match &result {
+        Ok(_) => "accepted",
+        Err(e) => e.code,
+    };
+    app.metrics.chats.with_label_values(&[outcome]).inc();
+    result
+}
