@@ -55,6 +55,16 @@ pub enum Outcome {
 impl Generator {
     /// Generates the answer to `job`; `cancel` ends it early with an `error` event (shutdown).
     pub async fn run(&self, job: Job, cancel: CancellationToken) -> Outcome {
+        // The lease says this node is alive while the engine is silent; a
+        // renewal that is refused means another node took the answer over.
+        let fenced = CancellationToken::new();
+        let _renewer = AbortOnDrop(tokio::spawn(renew_lease(
+            self.store.clone(),
+            job.request_id.clone(),
+            job.epoch,
+            self.node_id.clone(),
+            fenced.clone(),
+        )));
         let history = match self.store.history(&job.session_id).await {
             Ok(h) => h,
             Err(e) => {
@@ -66,16 +76,6 @@ impl Generator {
         let prompt = Prompt { message: job.message.clone(), history, continue_from };
         let mut seq = job.after_seq;
         let mut answer = job.prefix.clone();
-        // The lease says this node is alive while the engine is silent; a
-        // renewal that is refused means another node took the answer over.
-        let fenced = CancellationToken::new();
-        let _renewer = AbortOnDrop(tokio::spawn(renew_lease(
-            self.store.clone(),
-            job.request_id.clone(),
-            job.epoch,
-            self.node_id.clone(),
-            fenced.clone(),
-        )));
         let started = tokio::select! {
             _ = fenced.cancelled() => return Outcome::Fenced,
             started = self.engine.generate(prompt) => started,

@@ -61,7 +61,7 @@ async fn chat(
     if wants_sse {
         // Attach before dispatching so no event can pass unseen.
         chat_wire::validate_id("session_id", &body.session_id).map_err(ApiError::invalid)?;
-        let mut reader = Reader::attach(&app, &body.session_id).await;
+        let mut reader = Reader::attach_for(&app, &body.session_id, &request_id).await;
         reader.follower.expect(&request_id);
         let session_id = body.session_id.clone();
         let accepted = start_chat(&app, ip, body, request_id.clone()).await?;
@@ -114,7 +114,7 @@ async fn resume_sse(
         Err(_) => return Err(unavailable()),
     };
     // Attached before reading the stream, so no event passes unseen in between.
-    let mut reader = Reader::attach(&app, &record.session_id).await;
+    let mut reader = Reader::attach_for(&app, &record.session_id, &request_id).await;
     let first = match reader.follower.resume(&request_id, after_seq).await {
         Ok(first) => first,
         Err(ResumeError::UnknownRequest) => return Err(unknown()),
@@ -153,6 +153,10 @@ fn sse(app: Arc<App>, mut reader: Reader, request_id: String, first: Vec<Out>) -
                 if tx.send(event).await.is_err() || end {
                     return;
                 }
+            }
+            if !reader.follower.is_following(&request_id) {
+                // Ended at or below what the client said it has: nothing more comes.
+                return;
             }
             let wake = tokio::select! {
                 wake = reader.wake() => wake,

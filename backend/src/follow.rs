@@ -86,6 +86,10 @@ pub struct Follower {
     pending: HashSet<String>,
     /// Requests with more stored events than one page passed on.
     behind: VecDeque<String>,
+    /// Follow this request only (an SSE response), not the session's others.
+    only: Option<String>,
+    /// Notices to send with the next output (a request parked past `MAX_FOLLOWED`).
+    notices: Vec<Out>,
     stall_timeout: Duration,
 }
 
@@ -101,8 +105,22 @@ impl Follower {
             forgot: false,
             pending: HashSet::new(),
             behind: VecDeque::new(),
+            only: None,
+            notices: Vec::new(),
             stall_timeout,
         }
+    }
+
+    /// A follower of `request_id` alone (an SSE response): live events of the
+    /// session's other requests are ignored.
+    pub fn only(mut self, request_id: &str) -> Follower {
+        self.only = Some(request_id.to_owned());
+        self
+    }
+
+    /// Notices waiting to be sent (call after each of the other methods).
+    pub fn take_notices(&mut self) -> Vec<Out> {
+        std::mem::take(&mut self.notices)
     }
 
     /// A chat this reader sent is being dispatched: hold its live events
@@ -115,14 +133,19 @@ impl Follower {
     /// published while it was pending.
     pub async fn start(&mut self, request_id: &str) -> Vec<Out> {
         self.pending.remove(request_id);
-        self.open(request_id, 0);
+        if !self.tracks.contains_key(request_id) {
+            // A resume may have come first: what it sent is not sent again.
+            let sent = self.left.get(request_id).copied().unwrap_or(0);
+            self.open(request_id, sent);
+        }
         self.fill(request_id).await.unwrap_or_default()
     }
 
     /// The chat's dispatch failed: stop expecting it.
     pub fn forget(&mut self, request_id: &str) {
         self.pending.remove(request_id);
-        self.tracks.remove(request_id);
+        // Remembered, so a node that started it after all streams nothing here.
+        self.finish_at(request_id, 0);
     }
 
     pub fn is_following(&self, request_id: &str) -> bool {
@@ -149,7 +172,7 @@ impl Follower {
             return Vec::new();
         }
         if !self.tracks.contains_key(id) {
-            if self.forgot && event.seq > 1 {
+            if (self.forgot && event.seq > 1) || self.only.as_ref().is_some_and(|only| only != id) {
                 return Vec::new();
             }
             self.open(id, 0);
@@ -203,7 +226,6 @@ impl Follower {
             self.opened.retain(|id| id != request_id);
             self.opened.push_back(request_id.to_owned());
         } else {
-            self.left.remove(request_id);
             self.open(request_id, 0);
         }
         let track = self.tracks.get_mut(request_id).expect("opened above");
@@ -267,18 +289,27 @@ impl Follower {
             while let Some(old) = self.opened.pop_front() {
                 if let Some(track) = self.tracks.remove(&old) {
                     // Parked: its live events are no longer passed on; a resume picks it up.
+                    self.behind.retain(|id| *id != old);
                     self.remember(&old, track.sent);
+                    let why =
+                        format!("more than {MAX_FOLLOWED} requests followed at once; resume to follow this one again");
+                    self.notices.push(Out::notice(&old, "parked", why));
                     break;
                 }
             }
         }
-        self.left.remove(request_id);
+        if self.left.remove(request_id).is_some() {
+            self.left_order.retain(|id| id != request_id);
+        }
         self.opened.push_back(request_id.to_owned());
         self.tracks.insert(request_id.to_owned(), Track { sent, floor: 0, seen: sent, last_progress: Instant::now() });
     }
 
     fn remember(&mut self, request_id: &str, sent: u64) {
-        if self.left.insert(request_id.to_owned(), sent).is_none() {
+        if let Some(kept) = self.left.get_mut(request_id) {
+            *kept = (*kept).max(sent);
+        } else {
+            self.left.insert(request_id.to_owned(), sent);
             self.left_order.push_back(request_id.to_owned());
             if self.left_order.len() > LEFT_MEMORY {
                 if let Some(old) = self.left_order.pop_front() {
@@ -295,7 +326,9 @@ impl Follower {
     }
 
     fn finish_at(&mut self, request_id: &str, sent: u64) {
-        self.tracks.remove(request_id);
+        if self.tracks.remove(request_id).is_some() {
+            self.opened.retain(|id| id != request_id);
+        }
         self.behind.retain(|id| id != request_id);
         self.remember(request_id, sent);
     }

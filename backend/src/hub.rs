@@ -210,8 +210,10 @@ impl Hub {
             if !first {
                 self.metrics.pubsub_reconnects.inc();
                 log::info!("pub/sub reconnected; refilling every attached reader");
-                self.broadcast_refill();
             }
+            // Also after the first connection: readers attached before it
+            // (or while it was being made) may have missed events.
+            self.broadcast_refill();
             first = false;
             loop {
                 let msg = tokio::select! {

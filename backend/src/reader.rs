@@ -39,6 +39,13 @@ impl Reader {
         Reader { follower, attachment, stall_tick }
     }
 
+    /// A reader of one request of `session_id` (an SSE response).
+    pub async fn attach_for(app: &Arc<App>, session_id: &str, request_id: &str) -> Reader {
+        let mut reader = Self::attach(app, session_id).await;
+        reader.follower = reader.follower.only(request_id);
+        reader
+    }
+
     /// Waits for the next thing to do. Cancel-safe.
     pub async fn wake(&mut self) -> Wake {
         if self.follower.is_behind() {
@@ -60,12 +67,14 @@ impl Reader {
 
     /// Does what woke the reader; returns what to send, in order.
     pub async fn handle(&mut self, wake: Wake) -> Result<Vec<Out>, TooSlow> {
-        Ok(match wake {
+        let mut out = match wake {
             Wake::Delivery(Some(Delivery::Event(e))) => self.follower.on_live(&e).await,
             Wake::Delivery(Some(Delivery::Refill)) => self.follower.refill_all().await,
             Wake::Delivery(None) => return Err(TooSlow),
             Wake::StallTick => self.follower.check_stalls().await,
             Wake::Behind => self.follower.catch_up().await,
-        })
+        };
+        out.extend(self.follower.take_notices());
+        Ok(out)
     }
 }

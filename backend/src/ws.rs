@@ -215,6 +215,7 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr)
             }
             _ = shutdown.cancelled() => break Some((close::GOING_AWAY, "server shutting down")),
         }
+        out.extend(reader.follower.take_notices().into_iter().map(Outgoing::from));
         if out.is_empty() {
             continue;
         }

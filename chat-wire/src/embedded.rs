@@ -150,6 +150,14 @@ impl EmbeddedBus {
             let expires = Instant::now() + self.ttl;
             let producer = event.node.as_deref().unwrap_or(NO_PRODUCER);
             match inner.claims.get_mut(&event.request_id) {
+                Some((claim, _))
+                    if Some(claim.record.epoch) == event.epoch
+                        && claim.record.node == producer
+                        && event.seq == claim.last =>
+                {
+                    // The producer's retry of what is stored already.
+                    return true;
+                }
                 Some((claim, until))
                     if Some(claim.record.epoch) == event.epoch
                         && claim.record.node == producer
@@ -269,7 +277,9 @@ mod tests {
         assert_eq!(bus.claim("r", &record("ai-1"), LEASE), None);
         assert_eq!(bus.claim("r", &record("ai-2"), LEASE), Some("ai-1".to_owned()));
         assert!(bus.emit("s", &by("ai-1", 1, Event::chunk("r", 1, "a"))));
-        assert!(!bus.emit("s", &by("ai-1", 1, Event::chunk("r", 1, "a"))), "no seq is stored twice");
+        assert!(bus.emit("s", &by("ai-1", 1, Event::chunk("r", 1, "a"))), "a retry of the last is taken...");
+        assert_eq!(bus.page("r", 0, 10).events.len(), 1, "...and not stored twice");
+        assert!(!bus.emit("s", &by("ai-2", 1, Event::chunk("r", 1, "a"))), "nor by another producer");
         assert!(!bus.emit("s", &by("ai-1", 1, Event::chunk("r", 3, "a"))), "nor past a gap");
         assert!(!bus.emit("s", &Event::chunk("r", 2, "a")), "an event without producer or epoch is refused");
         assert_eq!(bus.fence("r", 1), Fence::ProducerAlive);

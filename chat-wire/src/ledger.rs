@@ -109,8 +109,11 @@ return 1
 
 const EMIT: &str = r"
 local c = redis.call('HMGET', KEYS[1], 'epoch', 'node', 'ended', 'last')
-if not c[1] or c[3] or tonumber(c[1]) ~= tonumber(ARGV[1]) or c[2] ~= ARGV[7] then return 0 end
-if tonumber(ARGV[2]) ~= tonumber(c[4] or '0') + 1 then return 2 end
+if not c[1] or tonumber(c[1]) ~= tonumber(ARGV[1]) or c[2] ~= ARGV[7] then return 0 end
+local last = tonumber(c[4] or '0')
+if tonumber(ARGV[2]) == last then return 1 end
+if c[3] then return 0 end
+if tonumber(ARGV[2]) ~= last + 1 then return 2 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], ARGV[2] .. '-0', 'seq', ARGV[2], 'event', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('HSET', KEYS[1], 'last', ARGV[2])
@@ -251,7 +254,9 @@ impl Ledger {
 
     /// Stores then publishes `event` on the session's channel, only when its
     /// producer (`event.node` at `event.epoch`) owns the request and its `seq`
-    /// follows the last stored one. A `done` or `error` ends the request.
+    /// follows the last stored one. A `done` or `error` ends the request. The
+    /// producer's retry of the last stored event (its answer was lost) is
+    /// `Published` again, without a second copy.
     pub async fn emit(&self, session_id: &str, event: &Event) -> Result<Emitted, RedisError> {
         let published = match self {
             Ledger::Embedded(bus) => bus.emit(session_id, event),

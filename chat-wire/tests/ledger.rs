@@ -83,7 +83,9 @@ async fn emits_are_refused_without_a_claim_an_epoch_or_the_next_seq_and_after_th
     assert_eq!(ledger.emit("s", &no_epoch).await.unwrap(), Emitted::Fenced, "no epoch");
     assert_eq!(ledger.emit("s", &event(&id, 2, "ai-1", 1)).await.unwrap(), Emitted::Fenced, "a gap");
     assert_eq!(ledger.emit("s", &event(&id, 1, "ai-1", 1)).await.unwrap(), Emitted::Published);
-    assert_eq!(ledger.emit("s", &event(&id, 1, "ai-1", 1)).await.unwrap(), Emitted::Fenced, "a repeat");
+    assert_eq!(ledger.emit("s", &event(&id, 1, "ai-1", 1)).await.unwrap(), Emitted::Published, "a retry");
+    assert_eq!(ledger.read(&id).await.unwrap().unwrap().len(), 1, "is not stored twice");
+    assert_eq!(ledger.emit("s", &event(&id, 1, "ai-2", 1)).await.unwrap(), Emitted::Fenced, "nor by another");
     let mut done = Event::done(&id, 2, "stop");
     done.node = Some("ai-1".into());
     done.epoch = Some(1);
