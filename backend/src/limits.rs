@@ -69,24 +69,9 @@ impl Limits {
     /// The client's IP: the peer's, unless the peer is a trusted proxy, in
     /// which case `X-Real-IP`, else the right-most untrusted `X-Forwarded-For` hop.
     pub fn client_ip(&self, peer: SocketAddr, headers: &axum::http::HeaderMap) -> IpAddr {
-        let peer_ip = peer.ip();
-        if !self.is_trusted(peer_ip) {
-            return peer_ip;
-        }
-        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        if let Some(ip) = header("x-real-ip").and_then(|v| v.trim().parse().ok()) {
-            return ip;
-        }
-        if let Some(chain) = header("x-forwarded-for") {
-            for hop in chain.rsplit(',') {
-                match hop.trim().parse::<IpAddr>() {
-                    Ok(ip) if self.is_trusted(ip) => continue,
-                    Ok(ip) => return ip,
-                    Err(_) => break,
-                }
-            }
-        }
-        peer_ip
+        let forwarded = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok());
+        let real_ip = headers.get("x-real-ip").and_then(|v| v.to_str().ok());
+        client_addr::client_ip(peer.ip(), forwarded, real_ip, |ip| self.is_trusted(ip))
     }
 
     fn is_trusted(&self, ip: IpAddr) -> bool {
@@ -110,7 +95,11 @@ mod tests {
         let l = limits();
         assert_eq!(l.client_ip("8.8.8.8:1".parse().unwrap(), &headers), "8.8.8.8".parse::<IpAddr>().unwrap());
         assert_eq!(l.client_ip("10.0.0.2:1".parse().unwrap(), &headers), "1.2.3.4".parse::<IpAddr>().unwrap());
+        // One rule with the proxy (`client-addr`): X-Forwarded-For first,
+        // X-Real-IP only without it.
         headers.insert("x-real-ip", "5.6.7.8".parse().unwrap());
+        assert_eq!(l.client_ip("10.0.0.2:1".parse().unwrap(), &headers), "1.2.3.4".parse::<IpAddr>().unwrap());
+        headers.remove("x-forwarded-for");
         assert_eq!(l.client_ip("10.0.0.2:1".parse().unwrap(), &headers), "5.6.7.8".parse::<IpAddr>().unwrap());
     }
 

@@ -33,11 +33,6 @@ fn seqs(frames: &[Value]) -> Vec<u64> {
     frames.iter().filter_map(|f| f["seq"].as_u64()).collect()
 }
 
-async fn metric(backend: &Backend, name: &str) -> u64 {
-    let text = http().get(backend.metrics_url()).send().await.unwrap().text().await.unwrap();
-    text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
-}
-
 #[tokio::test]
 async fn a_late_resume_after_live_events_repeats_nothing() {
     let redis = redis_url();

@@ -162,7 +162,7 @@ async fn a_client_that_stops_reading_is_closed_with_1013_and_backend_memory_stay
     // once the kernel's buffers are full; the queue then overflows or a send
     // outlasts `ws_send_timeout`).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
-    while slow_consumers(&backend).await == 0 {
+    while metric(&backend, "backend_ws_slow_consumers_total ").await == 0 {
         assert!(tokio::time::Instant::now() < deadline, "the backend never counted the slow consumer");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -189,16 +189,6 @@ async fn a_client_that_stops_reading_is_closed_with_1013_and_backend_memory_stay
     // 64-event queue, so the check is an accepted chat, not a streamed one).
     let accepted = backend.chat(&unique("s"), "still there?").await;
     assert!(!accepted.request_id.is_empty());
-}
-
-/// `backend_ws_slow_consumers_total` of a backend.
-async fn slow_consumers(backend: &Backend) -> u64 {
-    let metrics = http().get(backend.metrics_url()).send().await.unwrap().text().await.unwrap();
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("backend_ws_slow_consumers_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// An `ai-node` process on a given port (to restart a killed node where it was).

@@ -65,8 +65,3 @@ async fn a_subscribe_refused_on_a_live_connection_is_retried_until_it_holds() {
     assert_complete(&events, 1);
     assert_eq!(events.len() as u64, Pace::QUICK.events(), "the answer came live, whole");
 }
-
-async fn metric(backend: &Backend, name: &str) -> u64 {
-    let text = http().get(backend.metrics_url()).send().await.unwrap().text().await.unwrap();
-    text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
-}

@@ -153,26 +153,9 @@ impl Cidr {
 /// The client's IP: the peer's, unless the peer is a trusted proxy, in which
 /// case the right-most untrusted `X-Forwarded-For` entry (or `X-Real-IP`).
 pub fn client_ip(peer: IpAddr, headers: &impl Headers, trusted: &[Cidr]) -> IpAddr {
-    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
-    if !is_trusted(peer) {
-        return peer;
-    }
-    let forwarded: Vec<IpAddr> = headers
-        .values("x-forwarded-for")
-        .filter_map(|v| std::str::from_utf8(v).ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
-    if let Some(first) = forwarded.first() {
-        // Walk back through the chain of trusted proxies to the first hop we
-        // cannot vouch for: everything left of it could be forged.
-        return forwarded.iter().rev().copied().find(|ip| !is_trusted(*ip)).unwrap_or(*first);
-    }
-    headers
-        .first("x-real-ip")
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(peer)
+    let forwarded = headers.values("x-forwarded-for").filter_map(|v| std::str::from_utf8(v).ok());
+    let real_ip = headers.first("x-real-ip").and_then(|v| std::str::from_utf8(v).ok());
+    client_addr::client_ip(peer, forwarded, real_ip, |ip| is_trusted(ip, trusted))
 }
 
 /// Whether the peer may speak for the client in forwarding headers.

@@ -569,6 +569,13 @@ impl Ws {
     }
 }
 
+/// The value of the line of a backend's `/metrics` that starts with `name`
+/// (a metric name with its labels and a space), 0 when absent.
+pub async fn metric(backend: &Backend, name: &str) -> u64 {
+    let text = http().get(backend.metrics_url()).send().await.unwrap().text().await.unwrap();
+    text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
 /// A `redis-server` of the test's own, for tests that disturb Redis.
 pub struct OwnRedis {
     pub port: u16,
