@@ -148,13 +148,13 @@ fn default_max_body_bytes() -> usize {
     256 * 1024
 }
 fn default_stream_max_len() -> usize {
-    10_000
+    chat_wire::ledger::DEFAULT_MAX_LEN
 }
 fn default_stream_lease_ms() -> u64 {
     5_000
 }
 fn default_stream_ttl_secs() -> u64 {
-    600
+    chat_wire::ledger::DEFAULT_TTL.as_secs()
 }
 fn default_history_max_turns() -> usize {
     20

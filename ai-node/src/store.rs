@@ -4,7 +4,7 @@
 
 use chat_wire::embedded::Backplane;
 use chat_wire::ledger::{Emitted, Ledger, RequestRecord};
-use chat_wire::{keys, Event};
+use chat_wire::Event;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -94,16 +94,7 @@ impl Store {
 
     /// The session's recent turns, oldest first. A turn that does not parse is skipped.
     pub async fn history(&self, session_id: &str) -> Result<Vec<Turn>, StoreError> {
-        let items: Vec<String> = match (self.ledger.redis(), self.ledger.embedded()) {
-            (Some(conn), _) => {
-                let mut pipe = redis::pipe();
-                pipe.lrange(keys::session_history(session_id), 0, -1);
-                let (items,): (Vec<String>,) = conn.query(&pipe).await?;
-                items
-            }
-            (None, Some(bus)) => bus.history(session_id),
-            (None, None) => Vec::new(),
-        };
+        let items = self.ledger.history(session_id).await?;
         Ok(items.iter().filter_map(|s| serde_json::from_str(s).ok()).collect())
     }
 
@@ -114,23 +105,7 @@ impl Store {
             return Ok(());
         }
         let items: Vec<String> = turns.iter().map(|t| serde_json::to_string(t).expect("a turn serializes")).collect();
-        if let Some(bus) = self.ledger.embedded() {
-            bus.remember(session_id, items, keep, self.retention.history_ttl);
-            return Ok(());
-        }
-        if let Some(conn) = self.ledger.redis() {
-            let key = keys::session_history(session_id);
-            let mut pipe = redis::pipe();
-            pipe.atomic()
-                .rpush(&key, items)
-                .ignore()
-                .ltrim(&key, -(keep as isize), -1)
-                .ignore()
-                .expire(&key, self.retention.history_ttl.as_secs() as i64)
-                .ignore();
-            let () = conn.query(&pipe).await?;
-        }
-        Ok(())
+        self.ledger.remember(session_id, items, keep, self.retention.history_ttl).await
     }
 
     /// Whether the store answers.

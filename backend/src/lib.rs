@@ -35,8 +35,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// Cap and lifetime of what the backend itself stores (a takeover's `node_failed`).
-const STREAM_MAX_LEN: usize = 10_000;
-const STREAM_TTL: Duration = Duration::from_secs(600);
+const STREAM_MAX_LEN: usize = chat_wire::ledger::DEFAULT_MAX_LEN;
+const STREAM_TTL: Duration = chat_wire::ledger::DEFAULT_TTL;
 
 /// How often followed requests are checked for stalls.
 pub const STALL_TICK: Duration = Duration::from_millis(250);

@@ -63,6 +63,14 @@ pub struct Page {
     pub ended: Option<u64>,
 }
 
+/// Events kept per request unless configured otherwise (`XADD MAXLEN ~`):
+/// the AI node's `stream.max_len` default, the backend's and the embedded
+/// bus's cap.
+pub const DEFAULT_MAX_LEN: usize = 10_000;
+/// How long a request's stream and claim live after their last write unless
+/// configured otherwise (the AI node's `stream.ttl_secs` default).
+pub const DEFAULT_TTL: Duration = Duration::from_secs(600);
+
 /// Events read per round trip (`XRANGE ... COUNT`).
 pub const PAGE: usize = 256;
 
@@ -348,19 +356,44 @@ impl Ledger {
         Ok(if all.is_empty() { None } else { Some(all) })
     }
 
-    /// The Redis connection, for callers that keep more than the ledger there.
-    pub fn redis(&self) -> Option<&RedisConn> {
+    /// The items of a session's history, oldest first (JSON, one per turn).
+    pub async fn history(&self, session_id: &str) -> Result<Vec<String>, RedisError> {
         match self {
-            Ledger::Redis { conn, .. } => Some(conn),
-            Ledger::Embedded(_) => None,
+            Ledger::Embedded(bus) => Ok(bus.history(session_id)),
+            Ledger::Redis { conn, .. } => {
+                let mut pipe = redis::pipe();
+                pipe.lrange(keys::session_history(session_id), 0, -1);
+                let (items,): (Vec<String>,) = conn.query(&pipe).await?;
+                Ok(items)
+            }
         }
     }
 
-    /// The embedded bus, when that is the backing store.
-    pub fn embedded(&self) -> Option<&Arc<EmbeddedBus>> {
+    /// Appends items to a session's history, keeping the last `keep`, living `ttl` past this write.
+    pub async fn remember(
+        &self,
+        session_id: &str,
+        items: Vec<String>,
+        keep: usize,
+        ttl: Duration,
+    ) -> Result<(), RedisError> {
         match self {
-            Ledger::Embedded(bus) => Some(bus),
-            Ledger::Redis { .. } => None,
+            Ledger::Embedded(bus) => {
+                bus.remember(session_id, items, keep, ttl);
+                Ok(())
+            }
+            Ledger::Redis { conn, .. } => {
+                let key = keys::session_history(session_id);
+                let mut pipe = redis::pipe();
+                pipe.atomic()
+                    .rpush(&key, items)
+                    .ignore()
+                    .ltrim(&key, -(keep as isize), -1)
+                    .ignore()
+                    .expire(&key, ttl.as_secs() as i64)
+                    .ignore();
+                conn.query::<()>(&pipe).await
+            }
         }
     }
 

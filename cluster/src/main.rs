@@ -149,7 +149,8 @@ fn free_port_if_zero(port: u16) -> anyhow::Result<u16> {
 
 /// Redis when asked for or when one answers on the default address; the embedded bus otherwise.
 async fn choose_backplane(args: &Args) -> anyhow::Result<(Backplane, String)> {
-    let embedded = || Backplane::Embedded(EmbeddedBus::new(10_000, Duration::from_secs(600)));
+    let embedded =
+        || Backplane::Embedded(EmbeddedBus::new(chat_wire::ledger::DEFAULT_MAX_LEN, chat_wire::ledger::DEFAULT_TTL));
     if args.embedded {
         return Ok((embedded(), "embedded in-process bus (--embedded)".into()));
     }
