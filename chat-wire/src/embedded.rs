@@ -4,7 +4,7 @@
 //! Redis layout. It only works when the AI nodes and the backends share one
 //! process (the `cluster` binary); Redis is the real thing.
 
-use crate::ledger::{Fence, Page, RequestRecord, NO_PRODUCER};
+use crate::claims::{Fence, Page, RequestRecord, NO_PRODUCER};
 use crate::Event;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};

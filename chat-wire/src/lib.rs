@@ -8,6 +8,7 @@
 //! pieces both serve alike (`http`: the JSON error shape, access log, signals,
 //! config file reading).
 
+pub mod claims;
 pub mod embedded;
 pub mod events;
 pub mod http;
