@@ -161,6 +161,9 @@ where
             return self.proxy.process_new_http(session, shutdown).await;
         }
         let client = &self.state.config.client;
+        // Requests pipelined behind this one are answered in order (Pingora
+        // carries the bytes read past this request to the next session).
+        session.set_pipelining_enabled(true);
         let reused =
             session.take_connection_user_context().is_some_and(|ctx: Box<dyn Any + Send + Sync>| ctx.is::<Reused>());
         if *shutdown.borrow() || client.keepalive_timeout.is_zero() {

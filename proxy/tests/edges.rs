@@ -177,3 +177,18 @@ async fn a_head_past_max_header_bytes_gets_431_and_a_large_one_within_it_goes_th
     let statuses = answers(&out).1;
     assert!(statuses.iter().all(|s| (400..500).contains(s)), "refused, never forwarded: {statuses:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_behind_one_handed_to_pingoras_path_are_answered_in_order() {
+    let backends = [Backend::start("only")];
+    let proxy = Proxy::start(&[backends[0].addr], ProxyOptions::default()).await;
+    // A chunked body sends the first request to Pingora's path; two more follow in the same write.
+    let raw = b"POST /a HTTP/1.1\r\nHost: t\r\nX-Request-Id: pp-1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n\
+                GET /b HTTP/1.1\r\nHost: t\r\nX-Request-Id: pp-2\r\n\r\n\
+                GET /c HTTP/1.1\r\nHost: t\r\nX-Request-Id: pp-3\r\nConnection: close\r\n\r\n";
+    let out = raw_exchange(me(), proxy.public, raw, Duration::from_secs(5)).await.unwrap();
+    let (ids, statuses) = answers(&out);
+    assert_eq!(ids, ["pp-1", "pp-2", "pp-3"], "{}", String::from_utf8_lossy(&out));
+    assert_eq!(statuses, [200, 200, 200]);
+    assert!(String::from_utf8_lossy(&out).contains("\"body_len\":5"), "the chunked body went through whole");
+}
