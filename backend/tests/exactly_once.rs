@@ -267,7 +267,9 @@ async fn an_sse_reader_too_slow_gets_a_last_error_and_resumes_the_rest() {
         .await;
     backend.wait_healthy_nodes(1).await;
 
-    let res = http()
+    // No overall timeout on these long bodies: the deadlines below bound them.
+    let web = reqwest::Client::new();
+    let res = web
         .post(backend.url("/api/chat"))
         .header("accept", "text/event-stream")
         .json(&json!({"session_id": unique("s"), "message": "flood the stream"}))
@@ -300,7 +302,7 @@ async fn an_sse_reader_too_slow_gets_a_last_error_and_resumes_the_rest() {
         }
     });
     assert!(ended.await, "the answer ended");
-    let rest = http()
+    let rest = web
         .get(backend.url(&format!("/api/chat/{request_id}/events")))
         .header("last-event-id", seqs.len().to_string())
         .send()
