@@ -82,7 +82,9 @@ impl Engine for SyntheticEngine {
             pieces.drain(..skip);
         }
         let die_at = (self.config.die_ratio > 0.0 && fastrand::f64() < self.config.die_ratio)
-            .then(|| fastrand::usize(1..=pieces.len().max(1)));
+            // Before one of the pieces after the first (1..len): never past
+            // the last one, where the answer would end whole.
+            .then(|| fastrand::usize(1..pieces.len().max(2)));
         let first = self.config.first_token;
         let gap = if self.config.tokens_per_second > 0.0 {
             Duration::from_secs_f64(1.0 / self.config.tokens_per_second)
