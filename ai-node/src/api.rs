@@ -12,9 +12,9 @@ use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-pub use chat_wire::http::ApiError;
 use chat_wire::ledger::RequestRecord;
 use serde_json::json;
+pub use service_kit::http::ApiError;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,9 +27,9 @@ pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/chat", post(chat))
         .route("/health", get(health))
-        .fallback(chat_wire::http::not_found)
+        .fallback(service_kit::http::not_found)
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(middleware::from_fn(chat_wire::http::access_log))
+        .layer(middleware::from_fn(service_kit::http::access_log))
         .with_state(node)
 }
 

@@ -1,11 +1,16 @@
 //! The AI node's configuration: the TOML file's shape, the environment
-//! overrides, and the checked `Config` the rest of the crate uses.
+//! overrides, and the checked `Config` the rest of the crate uses, on the
+//! machinery all three services share (`service_kit::config`).
 //!
 //! Precedence, applied in `load` and nowhere else: built-in defaults < file <
 //! environment. Unknown keys are errors naming the file and the key; every bad
-//! value is reported at once.
+//! value is reported at once with its line, or the variable that set it.
+//! Durations are written `"5s"`; the old `_ms` / `_secs` integer keys are
+//! still read.
 
 use serde::Deserialize;
+use service_kit::config::{Checker, ConfigError, Env, Legacy, Source, Spanned};
+use service_kit::{default_sections, defaults};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -28,62 +33,77 @@ pub struct FileConfig {
     pub engine: EngineFile,
 }
 
+/// The old integer spelling of a duration key (`_ms` or `_secs`).
+type Old = Option<Spanned<u64>>;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerFile {
     #[serde(default = "default_listen_addr")]
-    pub listen_addr: String,
+    pub listen_addr: Spanned<String>,
     #[serde(default = "default_node_id")]
-    pub node_id: String,
-    #[serde(default = "default_shutdown_grace_ms")]
-    pub shutdown_grace_ms: u64,
+    pub node_id: Spanned<String>,
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: Spanned<String>,
+    #[serde(default)]
+    pub shutdown_grace_ms: Old,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisFile {
     #[serde(default = "default_redis_url")]
-    pub url: String,
-    #[serde(default = "default_redis_timeout_ms")]
-    pub connect_timeout_ms: u64,
-    #[serde(default = "default_redis_timeout_ms")]
-    pub command_timeout_ms: u64,
+    pub url: Spanned<String>,
+    #[serde(default = "default_redis_timeout")]
+    pub connect_timeout: Spanned<String>,
+    #[serde(default)]
+    pub connect_timeout_ms: Old,
+    #[serde(default = "default_redis_timeout")]
+    pub command_timeout: Spanned<String>,
+    #[serde(default)]
+    pub command_timeout_ms: Old,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsFile {
     #[serde(default = "default_max_concurrent_streams")]
-    pub max_concurrent_streams: usize,
+    pub max_concurrent_streams: Spanned<usize>,
     #[serde(default = "default_max_body_bytes")]
-    pub max_body_bytes: usize,
+    pub max_body_bytes: Spanned<usize>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamFile {
     #[serde(default = "default_stream_max_len")]
-    pub max_len: usize,
-    #[serde(default = "default_stream_ttl_secs")]
-    pub ttl_secs: u64,
-    #[serde(default = "default_stream_lease_ms")]
-    pub lease_ms: u64,
+    pub max_len: Spanned<usize>,
+    #[serde(default = "default_stream_ttl")]
+    pub ttl: Spanned<String>,
+    #[serde(default)]
+    pub ttl_secs: Old,
+    #[serde(default = "default_stream_lease")]
+    pub lease: Spanned<String>,
+    #[serde(default)]
+    pub lease_ms: Old,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HistoryFile {
     #[serde(default = "default_history_max_turns")]
-    pub max_turns: usize,
-    #[serde(default = "default_history_ttl_secs")]
-    pub ttl_secs: u64,
+    pub max_turns: Spanned<usize>,
+    #[serde(default = "default_history_ttl")]
+    pub ttl: Spanned<String>,
+    #[serde(default)]
+    pub ttl_secs: Old,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineFile {
     #[serde(default = "default_engine_kind")]
-    pub kind: String,
+    pub kind: Spanned<String>,
     #[serde(default)]
     pub synthetic: SyntheticFile,
     #[serde(default)]
@@ -93,16 +113,18 @@ pub struct EngineFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SyntheticFile {
-    #[serde(default = "default_first_token_ms")]
-    pub first_token_ms: u64,
+    #[serde(default = "default_first_token")]
+    pub first_token: Spanned<String>,
+    #[serde(default)]
+    pub first_token_ms: Old,
     #[serde(default = "default_tokens_per_second")]
-    pub tokens_per_second: f64,
+    pub tokens_per_second: Spanned<f64>,
     #[serde(default = "default_answer_tokens")]
-    pub answer_tokens: usize,
-    #[serde(default)]
-    pub refuse_ratio: f64,
-    #[serde(default)]
-    pub die_ratio: f64,
+    pub answer_tokens: Spanned<usize>,
+    #[serde(default = "default_ratio")]
+    pub refuse_ratio: Spanned<f64>,
+    #[serde(default = "default_ratio")]
+    pub die_ratio: Spanned<f64>,
     #[serde(default)]
     pub tag: String,
 }
@@ -111,92 +133,50 @@ pub struct SyntheticFile {
 #[serde(deny_unknown_fields)]
 pub struct OpenAiFile {
     #[serde(default = "default_openai_base_url")]
-    pub base_url: String,
+    pub base_url: Spanned<String>,
     #[serde(default = "default_openai_model")]
-    pub model: String,
+    pub model: Spanned<String>,
     #[serde(default)]
     pub api_key: Option<String>,
-    #[serde(default = "default_openai_connect_timeout_ms")]
-    pub connect_timeout_ms: u64,
-    #[serde(default = "default_openai_idle_timeout_ms")]
-    pub idle_timeout_ms: u64,
+    #[serde(default = "default_openai_connect_timeout")]
+    pub connect_timeout: Spanned<String>,
+    #[serde(default)]
+    pub connect_timeout_ms: Old,
+    #[serde(default = "default_openai_idle_timeout")]
+    pub idle_timeout: Spanned<String>,
+    #[serde(default)]
+    pub idle_timeout_ms: Old,
     #[serde(default)]
     pub max_tokens: Option<u32>,
     #[serde(default)]
     pub system_prompt: Option<String>,
 }
 
-fn default_listen_addr() -> String {
-    "0.0.0.0:8000".into()
-}
-fn default_node_id() -> String {
-    "ai-1".into()
-}
-fn default_shutdown_grace_ms() -> u64 {
-    10_000
-}
-fn default_redis_url() -> String {
-    "redis://127.0.0.1:6379".into()
-}
-fn default_redis_timeout_ms() -> u64 {
-    2_000
-}
-fn default_max_concurrent_streams() -> usize {
-    256
-}
-fn default_max_body_bytes() -> usize {
-    256 * 1024
-}
-fn default_stream_max_len() -> usize {
-    chat_wire::ledger::DEFAULT_MAX_LEN
-}
-fn default_stream_lease_ms() -> u64 {
-    5_000
-}
-fn default_stream_ttl_secs() -> u64 {
-    chat_wire::ledger::DEFAULT_TTL.as_secs()
-}
-fn default_history_max_turns() -> usize {
-    20
-}
-fn default_history_ttl_secs() -> u64 {
-    86_400
-}
-fn default_engine_kind() -> String {
-    "synthetic".into()
-}
-fn default_first_token_ms() -> u64 {
-    50
-}
-fn default_tokens_per_second() -> f64 {
-    50.0
-}
-fn default_answer_tokens() -> usize {
-    40
-}
-fn default_openai_base_url() -> String {
-    "http://127.0.0.1:11434/v1".into()
-}
-fn default_openai_model() -> String {
-    "llama3.2".into()
-}
-fn default_openai_connect_timeout_ms() -> u64 {
-    5_000
-}
-fn default_openai_idle_timeout_ms() -> u64 {
-    60_000
+defaults! {
+    default_listen_addr -> String = "0.0.0.0:8000".into();
+    default_node_id -> String = "ai-1".into();
+    default_shutdown_grace -> String = "10s".into();
+    default_redis_url -> String = "redis://127.0.0.1:6379".into();
+    default_redis_timeout -> String = "2s".into();
+    default_max_concurrent_streams -> usize = 256;
+    default_max_body_bytes -> usize = 256 * 1024;
+    default_stream_max_len -> usize = chat_wire::ledger::DEFAULT_MAX_LEN;
+    default_stream_ttl -> String = format!("{}s", chat_wire::ledger::DEFAULT_TTL.as_secs());
+    default_stream_lease -> String = "5s".into();
+    default_history_max_turns -> usize = 20;
+    default_history_ttl -> String = "24h".into();
+    default_engine_kind -> String = "synthetic".into();
+    default_first_token -> String = "50ms".into();
+    default_tokens_per_second -> f64 = 50.0;
+    default_answer_tokens -> usize = 40;
+    default_ratio -> f64 = 0.0;
+    default_openai_base_url -> String = "http://127.0.0.1:11434/v1".into();
+    default_openai_model -> String = "llama3.2".into();
+    default_openai_connect_timeout -> String = "5s".into();
+    default_openai_idle_timeout -> String = "60s".into();
 }
 
-macro_rules! default_from_serde {
-    ($($t:ty),*) => {$(
-        impl Default for $t {
-            fn default() -> Self {
-                toml::from_str("").expect("every field has a default")
-            }
-        }
-    )*};
-}
-default_from_serde!(ServerFile, RedisFile, LimitsFile, StreamFile, HistoryFile, EngineFile, SyntheticFile, OpenAiFile);
+default_sections!(ServerFile, RedisFile, LimitsFile, StreamFile, HistoryFile, EngineFile, SyntheticFile, OpenAiFile);
 
 /// The checked configuration.
 #[derive(Debug, Clone)]
@@ -264,149 +244,112 @@ pub const ENV_OVERRIDES: &[&str] =
 
 /// Reads `path` (or the defaults when `None`), applies the environment and checks the result.
 /// The error lists every problem, one a line.
-pub fn load(path: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, String> {
-    let mut file = match path {
-        Some(p) => chat_wire::http::read_toml::<FileConfig>(p)?,
-        None => FileConfig::default(),
-    };
-    apply_env(&mut file, env);
-    check(file, path.map(|p| p.display().to_string()).unwrap_or_else(|| "<defaults>".into()))
-}
-
-fn apply_env(file: &mut FileConfig, env: &dyn Fn(&str) -> Option<String>) {
-    let set = |slot: &mut String, var: &str| {
-        if let Some(v) = env(var).filter(|v| !v.is_empty()) {
-            *slot = v;
-        }
-    };
-    set(&mut file.server.listen_addr, "LISTEN_ADDR");
-    set(&mut file.redis.url, "REDIS_URL");
-    set(&mut file.server.node_id, "NODE_ID");
-    set(&mut file.engine.kind, "ENGINE");
-    set(&mut file.engine.openai.base_url, "OPENAI_BASE_URL");
-    set(&mut file.engine.openai.model, "OPENAI_MODEL");
+pub fn load(path: Option<&Path>, env: Env<'_>) -> Result<Config, ConfigError> {
+    let source = Source::read(path)?;
+    let mut f: FileConfig = source.parse()?;
+    let mut c = Checker::new(&source);
+    c.env_override(env, "LISTEN_ADDR", "server.listen_addr", &mut f.server.listen_addr);
+    c.env_override(env, "REDIS_URL", "redis.url", &mut f.redis.url);
+    c.env_override(env, "NODE_ID", "server.node_id", &mut f.server.node_id);
+    c.env_override(env, "ENGINE", "engine.kind", &mut f.engine.kind);
+    c.env_override(env, "OPENAI_BASE_URL", "engine.openai.base_url", &mut f.engine.openai.base_url);
+    c.env_override(env, "OPENAI_MODEL", "engine.openai.model", &mut f.engine.openai.model);
     if let Some(key) = env("OPENAI_API_KEY").filter(|v| !v.is_empty()) {
-        file.engine.openai.api_key = Some(key);
+        f.engine.openai.api_key = Some(key);
     }
+    check(f, c)
 }
 
-fn check(f: FileConfig, source: String) -> Result<Config, String> {
-    let mut errors = Vec::new();
-    let mut bad = |key: &str, why: String| errors.push(format!("{source}: {key}: {why}"));
+/// Any duration, zero included.
+const ANY: std::ops::RangeInclusive<Duration> = Duration::ZERO..=Duration::MAX;
 
-    let listen_addr = f.server.listen_addr.parse::<SocketAddr>().unwrap_or_else(|e| {
-        bad("server.listen_addr", format!("{:?} is not an address like 0.0.0.0:8000 ({e})", f.server.listen_addr));
-        SocketAddr::from(([0, 0, 0, 0], 0))
+fn check(f: FileConfig, mut c: Checker<'_>) -> Result<Config, ConfigError> {
+    let listen_addr = c.socket_addr("server.listen_addr", &f.server.listen_addr);
+    c.valid("server.node_id", &f.server.node_id, |id| {
+        chat_wire::validate_id("server.node_id", id).map_err(|e| e.reason)
     });
-    if let Err(e) = chat_wire::validate_id("server.node_id", &f.server.node_id) {
-        bad("server.node_id", e.reason);
-    }
-    if !(f.redis.url.starts_with("redis://")
-        || f.redis.url.starts_with("rediss://")
-        || f.redis.url.starts_with("unix://"))
-    {
-        bad("redis.url", format!("{:?} must start with redis://, rediss:// or unix://", f.redis.url));
-    }
-    for (key, v) in [
-        ("redis.connect_timeout_ms", f.redis.connect_timeout_ms),
-        ("redis.command_timeout_ms", f.redis.command_timeout_ms),
-    ] {
-        if v == 0 {
-            bad(key, "must be above 0".into());
-        }
-    }
-    if f.limits.max_concurrent_streams == 0 {
-        bad("limits.max_concurrent_streams", "must be above 0".into());
-    }
-    if f.limits.max_body_bytes < 1024 {
-        bad("limits.max_body_bytes", format!("{} is below the minimum of 1024", f.limits.max_body_bytes));
-    }
-    if f.stream.max_len < 16 {
-        bad("stream.max_len", format!("{} is below the minimum of 16", f.stream.max_len));
-    }
-    if !(100..=60_000).contains(&f.stream.lease_ms) {
-        bad("stream.lease_ms", format!("{} is not between 100 and 60000", f.stream.lease_ms));
-    }
-    if f.stream.ttl_secs < 300 {
-        bad(
-            "stream.ttl_secs",
-            format!("{} is below 300: streams must stay resumable for 5 minutes", f.stream.ttl_secs),
-        );
-    }
+    c.url_with_scheme("redis.url", &f.redis.url, &["redis://", "rediss://", "unix://"]);
+    let (ms, secs) = (Legacy::Millis, Legacy::Secs);
+    let shutdown_grace =
+        c.duration_in("server.shutdown_grace", &f.server.shutdown_grace, ms.of(&f.server.shutdown_grace_ms), ANY);
+    let redis_connect_timeout =
+        c.positive_ms("redis.connect_timeout", &f.redis.connect_timeout, &f.redis.connect_timeout_ms);
+    let redis_command_timeout =
+        c.positive_ms("redis.command_timeout", &f.redis.command_timeout, &f.redis.command_timeout_ms);
+    let stream = &f.stream;
+    // Streams must stay resumable for 5 minutes.
+    let stream_ttl =
+        c.duration_in("stream.ttl", &stream.ttl, secs.of(&stream.ttl_secs), Duration::from_secs(300)..=Duration::MAX);
+    let stream_lease = c.duration_in(
+        "stream.lease",
+        &stream.lease,
+        ms.of(&stream.lease_ms),
+        Duration::from_millis(100)..=Duration::from_secs(60),
+    );
+    let history_ttl = c.duration_in("history.ttl", &f.history.ttl, secs.of(&f.history.ttl_secs), ANY);
+
     let s = &f.engine.synthetic;
-    for (key, v) in [("engine.synthetic.refuse_ratio", s.refuse_ratio), ("engine.synthetic.die_ratio", s.die_ratio)] {
-        if !(0.0..=1.0).contains(&v) {
-            bad(key, format!("{v} is not between 0 and 1"));
+    let refuse_ratio = c.within("engine.synthetic.refuse_ratio", &s.refuse_ratio, 0.0, 1.0);
+    let die_ratio = c.within("engine.synthetic.die_ratio", &s.die_ratio, 0.0, 1.0);
+    c.valid("engine.synthetic.tokens_per_second", &s.tokens_per_second, |&t| {
+        match t == 0.0 || (0.001..=1e6).contains(&t) {
+            true => Ok(()),
+            false => Err(format!("{t} must be 0 (unlimited) or between 0.001 and 1000000")),
         }
-    }
-    if !(s.tokens_per_second == 0.0 || (0.001..=1e6).contains(&s.tokens_per_second)) {
-        bad(
-            "engine.synthetic.tokens_per_second",
-            format!("{} must be 0 (unlimited) or between 0.001 and 1000000", s.tokens_per_second),
-        );
-    }
-    if s.answer_tokens == 0 {
-        bad("engine.synthetic.answer_tokens", "must be above 0".into());
-    }
+    });
+    let answer_tokens = c.at_least("engine.synthetic.answer_tokens", &s.answer_tokens, 1);
+    let first_token = c.duration_in("engine.synthetic.first_token", &s.first_token, ms.of(&s.first_token_ms), ANY);
     let o = &f.engine.openai;
-    if !(o.base_url.starts_with("http://") || o.base_url.starts_with("https://")) {
-        bad("engine.openai.base_url", format!("{:?} must start with http:// or https://", o.base_url));
-    }
-    let engine = match f.engine.kind.as_str() {
-        "synthetic" => EngineConfig::Synthetic(SyntheticConfig {
-            first_token: Duration::from_millis(s.first_token_ms),
-            tokens_per_second: s.tokens_per_second,
-            answer_tokens: s.answer_tokens,
-            refuse_ratio: s.refuse_ratio,
-            die_ratio: s.die_ratio,
-            tag: s.tag.clone(),
-        }),
+    c.url_with_scheme("engine.openai.base_url", &o.base_url, &["http://", "https://"]);
+    let connect_timeout = c.positive_ms("engine.openai.connect_timeout", &o.connect_timeout, &o.connect_timeout_ms);
+    let idle_timeout = c.positive_ms("engine.openai.idle_timeout", &o.idle_timeout, &o.idle_timeout_ms);
+    let engine = match f.engine.kind.get_ref().as_str() {
         "openai" => EngineConfig::OpenAi(OpenAiConfig {
-            base_url: o.base_url.trim_end_matches('/').to_owned(),
-            model: o.model.clone(),
+            base_url: o.base_url.get_ref().trim_end_matches('/').to_owned(),
+            model: o.model.get_ref().clone(),
             api_key: o.api_key.clone(),
-            connect_timeout: Duration::from_millis(o.connect_timeout_ms.max(1)),
-            idle_timeout: Duration::from_millis(o.idle_timeout_ms.max(1)),
+            connect_timeout,
+            idle_timeout,
             max_tokens: o.max_tokens,
             system_prompt: o.system_prompt.clone(),
         }),
         other => {
-            bad("engine.kind", format!("{other:?} is not one of \"synthetic\", \"openai\""));
+            if other != "synthetic" {
+                c.problem("engine.kind", &f.engine.kind, format!("{other:?} is not one of \"synthetic\", \"openai\""));
+            }
             EngineConfig::Synthetic(SyntheticConfig {
-                first_token: Duration::ZERO,
-                tokens_per_second: 0.0,
-                answer_tokens: 1,
-                refuse_ratio: 0.0,
-                die_ratio: 0.0,
-                tag: String::new(),
+                first_token,
+                tokens_per_second: *s.tokens_per_second.get_ref(),
+                answer_tokens,
+                refuse_ratio,
+                die_ratio,
+                tag: s.tag.clone(),
             })
         }
     };
-    if !errors.is_empty() {
-        return Err(errors.join("\n"));
-    }
-    Ok(Config {
+    let config = Config {
         listen_addr,
-        node_id: f.server.node_id,
-        shutdown_grace: Duration::from_millis(f.server.shutdown_grace_ms),
-        redis_url: f.redis.url,
-        redis_connect_timeout: Duration::from_millis(f.redis.connect_timeout_ms),
-        redis_command_timeout: Duration::from_millis(f.redis.command_timeout_ms),
-        max_concurrent_streams: f.limits.max_concurrent_streams,
-        max_body_bytes: f.limits.max_body_bytes,
-        stream_max_len: f.stream.max_len,
-        stream_ttl: Duration::from_secs(f.stream.ttl_secs),
-        stream_lease: Duration::from_millis(f.stream.lease_ms),
-        history_max_turns: f.history.max_turns,
-        history_ttl: Duration::from_secs(f.history.ttl_secs),
+        node_id: f.server.node_id.get_ref().clone(),
+        shutdown_grace,
+        redis_url: f.redis.url.get_ref().clone(),
+        redis_connect_timeout,
+        redis_command_timeout,
+        max_concurrent_streams: c.at_least("limits.max_concurrent_streams", &f.limits.max_concurrent_streams, 1),
+        max_body_bytes: c.at_least("limits.max_body_bytes", &f.limits.max_body_bytes, 1024),
+        stream_max_len: c.at_least("stream.max_len", &stream.max_len, 16),
+        stream_ttl,
+        stream_lease,
+        history_max_turns: *f.history.max_turns.get_ref(),
+        history_ttl,
         engine,
-    })
+    };
+    c.finish(config)
 }
 
 impl Config {
     /// The defaults, for tests and embedding.
     pub fn defaults() -> Config {
-        check(FileConfig::default(), "<defaults>".into()).expect("the defaults are valid")
+        load(None, &|_| None).expect("the defaults are valid")
     }
 }
 
@@ -416,6 +359,10 @@ mod tests {
 
     fn no_env(_: &str) -> Option<String> {
         None
+    }
+
+    fn errors(path: &Path) -> String {
+        load(Some(path), &no_env).unwrap_err().to_string()
     }
 
     #[test]
@@ -430,7 +377,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, "[server]\nlisten_adr = \"0.0.0.0:1\"\n").unwrap();
-        let err = load(Some(&path), &no_env).unwrap_err();
+        let err = errors(&path);
         assert!(err.contains("bad.toml") && err.contains("listen_adr"), "{err}");
     }
 
@@ -443,7 +390,7 @@ mod tests {
             "[server]\nlisten_addr = \"nowhere\"\n[engine]\nkind = \"magic\"\n[stream]\nttl_secs = 5\n",
         )
         .unwrap();
-        let err = load(Some(&path), &no_env).unwrap_err();
+        let err = errors(&path);
         for key in ["server.listen_addr", "engine.kind", "stream.ttl_secs"] {
             assert!(err.contains(key), "{key} missing from {err}");
         }
@@ -468,7 +415,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.toml");
         std::fs::write(&path, "[engine.synthetic]\ntokens_per_second = 1e-300\n").unwrap();
-        let err = load(Some(&path), &no_env).unwrap_err();
+        let err = errors(&path);
         assert!(err.contains("engine.synthetic.tokens_per_second"), "{err}");
+    }
+
+    #[test]
+    fn old_seconds_keys_read_as_the_one_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(&path, "[stream]\nttl_secs = 900\nlease = \"1500ms\"\n[history]\nttl = \"2h\"\n").unwrap();
+        let c = load(Some(&path), &no_env).unwrap();
+        assert_eq!(c.stream_ttl, Duration::from_secs(900));
+        assert_eq!(c.stream_lease, Duration::from_millis(1500));
+        assert_eq!(c.history_ttl, Duration::from_secs(7200));
+        std::fs::write(&path, "[stream]\nlease = \"90s\"\n").unwrap();
+        assert!(errors(&path).contains("s.toml:2: stream.lease: 90s is not between 100ms and 60s"), "{}", errors(&path));
     }
 }

@@ -99,7 +99,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let stop_serving = CancellationToken::new();
-    let server = axum::serve(chat_wire::http::no_delay(listener), api::router(node.clone()))
+    let server = axum::serve(service_kit::http::no_delay(listener), api::router(node.clone()))
         .with_graceful_shutdown(stop_serving.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });
 

@@ -1,8 +1,8 @@
 //! `ai-node`: parses flags, loads the configuration, serves until SIGINT/SIGTERM.
 
 use ai_node::{config, engine, Node};
-use chat_wire::service::{self, ConfigFlags};
 use clap::Parser;
+use service_kit::flags::{self, ConfigFlags};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -15,8 +15,10 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    match service::start(&args.config, config::load) {
-        Ok(config) => service::finish(serve(config).await),
+    flags::init_logging();
+    let loaded = config::load(args.config.config.as_deref(), &service_kit::config::process_env);
+    match flags::checked(&args.config, loaded) {
+        Ok(config) => flags::finish(serve(config).await),
         Err(code) => code,
     }
 }
@@ -27,6 +29,6 @@ async fn serve(config: config::Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen_addr).await?;
     log::info!("node_id={} listening on {} redis={}", config.node_id, listener.local_addr()?, config.redis_url);
     let node = Node::new(config, store, engine);
-    ai_node::run(listener, node, chat_wire::http::shutdown_signal()).await?;
+    ai_node::run(listener, node, service_kit::http::shutdown_signal()).await?;
     Ok(())
 }

@@ -31,9 +31,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/ws/chat", get(ws::upgrade))
         .route("/health", get(health))
         .route("/", get(page))
-        .fallback(chat_wire::http::not_found)
+        .fallback(service_kit::http::not_found)
         .layer(DefaultBodyLimit::max(app.config.max_body_bytes))
-        .layer(middleware::from_fn(chat_wire::http::access_log))
+        .layer(middleware::from_fn(service_kit::http::access_log))
         .layer(middleware::from_fn(move |req: Request, next: Next| {
             let id = backend_id.clone();
             async move {

@@ -6,8 +6,8 @@ use crate::limits::Limited;
 use crate::nodes::{Accepted, DispatchError, NodeChat};
 use crate::App;
 use axum::http::StatusCode;
-pub use chat_wire::http::ApiError;
 use serde::Deserialize;
+pub use service_kit::http::ApiError;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 

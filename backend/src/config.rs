@@ -1,12 +1,16 @@
 //! The backend's configuration: the TOML file's shape, the environment
-//! overrides, and the checked `Config`.
+//! overrides, and the checked `Config`, on the machinery all three services
+//! share (`service_kit::config`).
 //!
 //! Precedence, applied in `load` and nowhere else: built-in defaults < file <
 //! environment. Unknown keys are errors naming the file and the key; every bad
-//! value is reported at once.
+//! value is reported at once with its line, or the variable that set it.
+//! Durations are written `"3s"`; the old `_ms` integer keys are still read.
 
 use ipnet::IpNet;
 use serde::Deserialize;
+use service_kit::config::{unspanned, Checker, ConfigError, Env, Source, Spanned};
+use service_kit::{default_sections, defaults};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -26,180 +30,151 @@ pub struct FileConfig {
     pub limits: LimitsFile,
 }
 
+/// A duration key and its old `_ms` spelling.
+type Old = Option<Spanned<u64>>;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerFile {
     #[serde(default = "d_listen")]
-    pub listen_addr: String,
+    pub listen_addr: Spanned<String>,
     #[serde(default = "d_backend_id")]
-    pub backend_id: String,
+    pub backend_id: Spanned<String>,
     #[serde(default = "d_metrics_listen")]
-    pub metrics_listen_addr: String,
+    pub metrics_listen_addr: Spanned<String>,
     #[serde(default = "d_grace")]
-    pub shutdown_grace_ms: u64,
+    pub shutdown_grace: Spanned<String>,
+    #[serde(default)]
+    pub shutdown_grace_ms: Old,
     #[serde(default = "d_trusted")]
-    pub trusted_proxies: Vec<String>,
+    pub trusted_proxies: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisFile {
     #[serde(default = "d_redis_url")]
-    pub url: String,
-    #[serde(default = "d_2000")]
-    pub connect_timeout_ms: u64,
-    #[serde(default = "d_2000")]
-    pub command_timeout_ms: u64,
+    pub url: Spanned<String>,
+    #[serde(default = "d_2s")]
+    pub connect_timeout: Spanned<String>,
+    #[serde(default)]
+    pub connect_timeout_ms: Old,
+    #[serde(default = "d_2s")]
+    pub command_timeout: Spanned<String>,
+    #[serde(default)]
+    pub command_timeout_ms: Old,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AiFile {
     #[serde(default = "d_ai_urls")]
-    pub urls: Vec<String>,
+    pub urls: Spanned<Vec<Spanned<String>>>,
     #[serde(default = "d_health_path")]
-    pub health_path: String,
-    #[serde(default = "d_2000")]
-    pub health_interval_ms: u64,
-    #[serde(default = "d_1000")]
-    pub health_timeout_ms: u64,
+    pub health_path: Spanned<String>,
+    #[serde(default = "d_2s")]
+    pub health_interval: Spanned<String>,
+    #[serde(default)]
+    pub health_interval_ms: Old,
+    #[serde(default = "d_1s")]
+    pub health_timeout: Spanned<String>,
+    #[serde(default)]
+    pub health_timeout_ms: Old,
     #[serde(default = "d_1")]
-    pub healthy_after: usize,
+    pub healthy_after: Spanned<usize>,
     #[serde(default = "d_1")]
-    pub unhealthy_after: usize,
-    #[serde(default = "d_10000")]
-    pub discovery_interval_ms: u64,
-    #[serde(default = "d_3000")]
-    pub request_timeout_ms: u64,
+    pub unhealthy_after: Spanned<usize>,
+    #[serde(default = "d_10s")]
+    pub discovery_interval: Spanned<String>,
+    #[serde(default)]
+    pub discovery_interval_ms: Old,
+    #[serde(default = "d_3s")]
+    pub request_timeout: Spanned<String>,
+    #[serde(default)]
+    pub request_timeout_ms: Old,
     #[serde(default = "d_3")]
-    pub max_attempts: usize,
-    #[serde(default = "d_8000")]
-    pub dispatch_deadline_ms: u64,
+    pub max_attempts: Spanned<usize>,
+    #[serde(default = "d_8s")]
+    pub dispatch_deadline: Spanned<String>,
+    #[serde(default)]
+    pub dispatch_deadline_ms: Old,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamFile {
-    #[serde(default = "d_3000")]
-    pub stall_timeout_ms: u64,
+    #[serde(default = "d_3s")]
+    pub stall_timeout: Spanned<String>,
+    #[serde(default)]
+    pub stall_timeout_ms: Old,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsFile {
     #[serde(default = "d_body")]
-    pub max_body_bytes: usize,
+    pub max_body_bytes: Spanned<usize>,
     #[serde(default = "d_frame")]
-    pub max_frame_bytes: usize,
+    pub max_frame_bytes: Spanned<usize>,
     #[serde(default = "d_session_rate")]
-    pub session_rate_per_sec: f64,
+    pub session_rate_per_sec: Spanned<f64>,
     #[serde(default = "d_session_burst")]
-    pub session_burst: u32,
+    pub session_burst: Spanned<u32>,
     #[serde(default = "d_ip_rate")]
-    pub ip_rate_per_sec: f64,
+    pub ip_rate_per_sec: Spanned<f64>,
     #[serde(default = "d_ip_burst")]
-    pub ip_burst: u32,
+    pub ip_burst: Spanned<u32>,
     #[serde(default = "d_queue")]
-    pub ws_send_queue: usize,
-    #[serde(default = "d_5000")]
-    pub ws_send_timeout_ms: u64,
-    #[serde(default = "d_20000")]
-    pub ws_ping_interval_ms: u64,
-    #[serde(default = "d_60000")]
-    pub ws_client_timeout_ms: u64,
+    pub ws_send_queue: Spanned<usize>,
+    #[serde(default = "d_5s")]
+    pub ws_send_timeout: Spanned<String>,
+    #[serde(default)]
+    pub ws_send_timeout_ms: Old,
+    #[serde(default = "d_20s")]
+    pub ws_ping_interval: Spanned<String>,
+    #[serde(default)]
+    pub ws_ping_interval_ms: Old,
+    #[serde(default = "d_60s")]
+    pub ws_client_timeout: Spanned<String>,
+    #[serde(default)]
+    pub ws_client_timeout_ms: Old,
     #[serde(default = "d_max_sockets")]
-    pub max_sockets: usize,
+    pub max_sockets: Spanned<usize>,
 }
 
-fn d_listen() -> String {
-    "0.0.0.0:8080".into()
-}
-fn d_backend_id() -> String {
-    "backend-1".into()
-}
-fn d_metrics_listen() -> String {
-    "127.0.0.1:9100".into()
-}
-fn d_grace() -> u64 {
-    5_000
-}
-fn d_trusted() -> Vec<String> {
-    ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"].map(String::from).to_vec()
-}
-fn d_redis_url() -> String {
-    "redis://127.0.0.1:6379".into()
-}
-fn d_ai_urls() -> Vec<String> {
-    vec!["http://127.0.0.1:8000".into()]
-}
-fn d_health_path() -> String {
-    "/health".into()
-}
-fn d_1() -> usize {
-    1
-}
-fn d_3() -> usize {
-    3
-}
-fn d_1000() -> u64 {
-    1_000
-}
-fn d_2000() -> u64 {
-    2_000
-}
-fn d_3000() -> u64 {
-    3_000
-}
-fn d_5000() -> u64 {
-    5_000
-}
-fn d_8000() -> u64 {
-    8_000
-}
-fn d_10000() -> u64 {
-    10_000
-}
-fn d_20000() -> u64 {
-    20_000
-}
-fn d_60000() -> u64 {
-    60_000
-}
-fn d_body() -> usize {
-    256 * 1024
-}
-fn d_frame() -> usize {
-    64 * 1024
-}
-fn d_session_rate() -> f64 {
-    5.0
-}
-fn d_session_burst() -> u32 {
-    20
-}
-fn d_ip_rate() -> f64 {
-    50.0
-}
-fn d_ip_burst() -> u32 {
-    100
-}
-fn d_queue() -> usize {
-    256
-}
-fn d_max_sockets() -> usize {
-    20_000
+defaults! {
+    d_listen -> String = "0.0.0.0:8080".into();
+    d_backend_id -> String = "backend-1".into();
+    d_metrics_listen -> String = "127.0.0.1:9100".into();
+    d_grace -> String = "5s".into();
+    d_redis_url -> String = "redis://127.0.0.1:6379".into();
+    d_health_path -> String = "/health".into();
+    d_1s -> String = "1s".into();
+    d_2s -> String = "2s".into();
+    d_3s -> String = "3s".into();
+    d_5s -> String = "5s".into();
+    d_8s -> String = "8s".into();
+    d_10s -> String = "10s".into();
+    d_20s -> String = "20s".into();
+    d_60s -> String = "60s".into();
+    d_1 -> usize = 1;
+    d_3 -> usize = 3;
+    d_body -> usize = 256 * 1024;
+    d_frame -> usize = 64 * 1024;
+    d_session_rate -> f64 = 5.0;
+    d_session_burst -> u32 = 20;
+    d_ip_rate -> f64 = 50.0;
+    d_ip_burst -> u32 = 100;
+    d_queue -> usize = 256;
+    d_max_sockets -> usize = 20_000;
+    d_ai_urls -> Vec<Spanned<String>> = vec![unspanned("http://127.0.0.1:8000".into())];
 }
 
-macro_rules! default_from_serde {
-    ($($t:ty),*) => {$(
-        impl Default for $t {
-            fn default() -> Self {
-                toml::from_str("").expect("every field has a default")
-            }
-        }
-    )*};
+fn d_trusted() -> Vec<Spanned<String>> {
+    ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"].map(|c| unspanned(c.into())).to_vec()
 }
-default_from_serde!(ServerFile, RedisFile, AiFile, StreamFile, LimitsFile);
+
+default_sections!(ServerFile, RedisFile, AiFile, StreamFile, LimitsFile);
 
 /// One AI node as configured: the URL operators wrote, and what to connect to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -257,28 +232,26 @@ pub struct Config {
 pub const ENV_OVERRIDES: &[&str] =
     &["LISTEN_ADDR", "METRICS_LISTEN_ADDR", "REDIS_URL", "AI_SERVICE_URLS", "BACKEND_ID"];
 
-pub fn load(path: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, String> {
-    let mut file = match path {
-        Some(p) => chat_wire::http::read_toml::<FileConfig>(p)?,
-        None => FileConfig::default(),
-    };
-    let var = |k: &str| env(k).filter(|v| !v.trim().is_empty());
-    if let Some(v) = var("LISTEN_ADDR") {
-        file.server.listen_addr = v;
-    }
+/// Reads `path` (or the defaults when `None`), lays the environment over it
+/// and checks the result; the error lists every problem, one a line.
+pub fn load(path: Option<&Path>, env: Env<'_>) -> Result<Config, ConfigError> {
+    let source = Source::read(path)?;
+    let mut file: FileConfig = source.parse()?;
+    let mut c = Checker::new(&source);
+    c.env_override(env, "LISTEN_ADDR", "server.listen_addr", &mut file.server.listen_addr);
+    // Set but empty turns the metrics listener off, so this one is read as is.
     if let Some(v) = env("METRICS_LISTEN_ADDR") {
-        file.server.metrics_listen_addr = v;
+        file.server.metrics_listen_addr = unspanned(v);
+        c.set_by("server.metrics_listen_addr", "environment METRICS_LISTEN_ADDR");
     }
-    if let Some(v) = var("REDIS_URL") {
-        file.redis.url = v;
+    c.env_override(env, "REDIS_URL", "redis.url", &mut file.redis.url);
+    c.env_override(env, "BACKEND_ID", "server.backend_id", &mut file.server.backend_id);
+    let mut urls = unspanned(String::new());
+    if c.env_override(env, "AI_SERVICE_URLS", "ai.urls", &mut urls) {
+        let list = urls.get_ref().split(',').map(str::trim).filter(|s| !s.is_empty());
+        file.ai.urls = unspanned(list.map(|u| unspanned(u.to_owned())).collect());
     }
-    if let Some(v) = var("BACKEND_ID") {
-        file.server.backend_id = v;
-    }
-    if let Some(v) = var("AI_SERVICE_URLS") {
-        file.ai.urls = v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
-    }
-    check(file, path.map(|p| p.display().to_string()).unwrap_or_else(|| "<defaults>".into()))
+    check(file, c)
 }
 
 /// `http://host:port[/]` → `host:port`.
@@ -295,136 +268,97 @@ fn parse_node_url(url: &str) -> Result<NodeUrl, String> {
     Ok(NodeUrl { url: url.trim_end_matches('/').to_owned(), authority: authority.to_owned() })
 }
 
-fn check(f: FileConfig, source: String) -> Result<Config, String> {
-    let mut errors = Vec::new();
-    let mut bad = |key: &str, why: String| errors.push(format!("{source}: {key}: {why}"));
-    let addr = |key: &str, v: &str, bad: &mut dyn FnMut(&str, String)| -> SocketAddr {
-        v.parse().unwrap_or_else(|e| {
-            bad(key, format!("{v:?} is not an address like 0.0.0.0:8080 ({e})"));
-            SocketAddr::from(([0, 0, 0, 0], 0))
-        })
-    };
-    let listen_addr = addr("server.listen_addr", &f.server.listen_addr, &mut bad);
-    let metrics_listen_addr = match f.server.metrics_listen_addr.trim() {
+fn check(f: FileConfig, mut c: Checker<'_>) -> Result<Config, ConfigError> {
+    let (server, redis, ai, stream, limits) = (&f.server, &f.redis, &f.ai, &f.stream, &f.limits);
+    let listen_addr = c.socket_addr("server.listen_addr", &server.listen_addr);
+    let metrics_listen_addr = match server.metrics_listen_addr.get_ref().trim() {
         "" | "off" => None,
-        v => Some(addr("server.metrics_listen_addr", v, &mut bad)),
+        _ => Some(c.socket_addr("server.metrics_listen_addr", &server.metrics_listen_addr)),
     };
-    if let Err(e) = chat_wire::validate_id("server.backend_id", &f.server.backend_id) {
-        bad("server.backend_id", e.reason);
-    }
+    c.valid("server.backend_id", &server.backend_id, |id| {
+        chat_wire::validate_id("server.backend_id", id).map_err(|e| e.reason)
+    });
     let mut trusted_proxies = Vec::new();
-    for cidr in &f.server.trusted_proxies {
-        match cidr.parse::<IpNet>().or_else(|_| cidr.parse::<std::net::IpAddr>().map(IpNet::from)) {
+    for (i, cidr) in server.trusted_proxies.iter().enumerate() {
+        let text = cidr.get_ref();
+        match text.parse::<IpNet>().or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from)) {
             Ok(net) => trusted_proxies.push(net),
-            Err(_) => bad("server.trusted_proxies", format!("{cidr:?} is not a CIDR like 10.0.0.0/8")),
+            Err(_) => c.problem(
+                &format!("server.trusted_proxies[{i}]"),
+                cidr,
+                format!("{text:?} is not a CIDR like 10.0.0.0/8"),
+            ),
         }
     }
-    if !(f.redis.url.starts_with("redis://")
-        || f.redis.url.starts_with("rediss://")
-        || f.redis.url.starts_with("unix://"))
-    {
-        bad("redis.url", format!("{:?} must start with redis://, rediss:// or unix://", f.redis.url));
-    }
+    c.url_with_scheme("redis.url", &redis.url, &["redis://", "rediss://", "unix://"]);
     let mut ai_nodes = Vec::new();
-    if f.ai.urls.is_empty() {
-        bad("ai.urls", "at least one AI node is needed".into());
+    if ai.urls.get_ref().is_empty() {
+        c.problem("ai.urls", &ai.urls, "at least one AI node is needed");
     }
-    for url in &f.ai.urls {
-        match parse_node_url(url) {
+    for (i, url) in ai.urls.get_ref().iter().enumerate() {
+        let key = format!("ai.urls[{i}]");
+        match parse_node_url(url.get_ref()) {
             Ok(n) if !ai_nodes.contains(&n) => ai_nodes.push(n),
-            Ok(_) => bad("ai.urls", format!("{url:?} is listed twice")),
-            Err(e) => bad("ai.urls", e),
+            Ok(_) => c.problem(&key, url, format!("{:?} is listed twice", url.get_ref())),
+            Err(e) => c.problem(&key, url, e),
         }
     }
-    if !f.ai.health_path.starts_with('/') {
-        bad("ai.health_path", format!("{:?} must start with /", f.ai.health_path));
-    }
-    for (key, v) in [
-        ("ai.health_interval_ms", f.ai.health_interval_ms),
-        ("ai.health_timeout_ms", f.ai.health_timeout_ms),
-        ("ai.request_timeout_ms", f.ai.request_timeout_ms),
-        ("ai.dispatch_deadline_ms", f.ai.dispatch_deadline_ms),
-        ("ai.discovery_interval_ms", f.ai.discovery_interval_ms),
-        ("stream.stall_timeout_ms", f.stream.stall_timeout_ms),
-        ("limits.ws_send_timeout_ms", f.limits.ws_send_timeout_ms),
-        ("limits.ws_ping_interval_ms", f.limits.ws_ping_interval_ms),
-        ("limits.ws_client_timeout_ms", f.limits.ws_client_timeout_ms),
-    ] {
-        if v == 0 {
-            bad(key, "must be above 0".into());
-        }
-    }
-    for (key, v) in [
-        ("ai.healthy_after", f.ai.healthy_after),
-        ("ai.unhealthy_after", f.ai.unhealthy_after),
-        ("ai.max_attempts", f.ai.max_attempts),
-        ("limits.ws_send_queue", f.limits.ws_send_queue),
-        ("limits.max_sockets", f.limits.max_sockets),
-    ] {
-        if v == 0 {
-            bad(key, "must be above 0".into());
-        }
-    }
-    for (key, v) in [
-        ("limits.session_rate_per_sec", f.limits.session_rate_per_sec),
-        ("limits.ip_rate_per_sec", f.limits.ip_rate_per_sec),
-    ] {
-        if !(1e-6..=1e6).contains(&v) {
-            bad(key, format!("{v} must be between 0.000001 and 1000000 per second"));
-        }
-    }
-    for (key, v) in [("limits.session_burst", f.limits.session_burst), ("limits.ip_burst", f.limits.ip_burst)] {
-        if v == 0 {
-            bad(key, "must be above 0".into());
-        }
-    }
-    if f.limits.max_body_bytes < 1024 {
-        bad("limits.max_body_bytes", format!("{} is below the minimum of 1024", f.limits.max_body_bytes));
-    }
-    if f.limits.max_frame_bytes < 1024 {
-        bad("limits.max_frame_bytes", format!("{} is below the minimum of 1024", f.limits.max_frame_bytes));
-    }
-    if !errors.is_empty() {
-        return Err(errors.join("\n"));
-    }
-    let ms = Duration::from_millis;
-    Ok(Config {
+    c.valid("ai.health_path", &ai.health_path, |p| match p.starts_with('/') {
+        true => Ok(()),
+        false => Err(format!("{p:?} must start with /")),
+    });
+    let mut duration = |key: &str, value: &Spanned<String>, old: &Old| c.positive_ms(key, value, old);
+    let shutdown_grace = duration("server.shutdown_grace", &server.shutdown_grace, &server.shutdown_grace_ms);
+    let redis_connect_timeout = duration("redis.connect_timeout", &redis.connect_timeout, &redis.connect_timeout_ms);
+    let redis_command_timeout = duration("redis.command_timeout", &redis.command_timeout, &redis.command_timeout_ms);
+    let health_interval = duration("ai.health_interval", &ai.health_interval, &ai.health_interval_ms);
+    let health_timeout = duration("ai.health_timeout", &ai.health_timeout, &ai.health_timeout_ms);
+    let discovery_interval = duration("ai.discovery_interval", &ai.discovery_interval, &ai.discovery_interval_ms);
+    let request_timeout = duration("ai.request_timeout", &ai.request_timeout, &ai.request_timeout_ms);
+    let dispatch_deadline = duration("ai.dispatch_deadline", &ai.dispatch_deadline, &ai.dispatch_deadline_ms);
+    let stall_timeout = duration("stream.stall_timeout", &stream.stall_timeout, &stream.stall_timeout_ms);
+    let ws_send_timeout = duration("limits.ws_send_timeout", &limits.ws_send_timeout, &limits.ws_send_timeout_ms);
+    let ws_ping_interval = duration("limits.ws_ping_interval", &limits.ws_ping_interval, &limits.ws_ping_interval_ms);
+    let ws_client_timeout =
+        duration("limits.ws_client_timeout", &limits.ws_client_timeout, &limits.ws_client_timeout_ms);
+    let config = Config {
         listen_addr,
-        backend_id: f.server.backend_id,
+        backend_id: server.backend_id.get_ref().clone(),
         metrics_listen_addr,
-        shutdown_grace: ms(f.server.shutdown_grace_ms),
+        shutdown_grace,
         trusted_proxies,
-        redis_url: f.redis.url,
-        redis_connect_timeout: ms(f.redis.connect_timeout_ms),
-        redis_command_timeout: ms(f.redis.command_timeout_ms),
+        redis_url: redis.url.get_ref().clone(),
+        redis_connect_timeout,
+        redis_command_timeout,
         ai_nodes,
-        health_path: f.ai.health_path,
-        health_interval: ms(f.ai.health_interval_ms),
-        health_timeout: ms(f.ai.health_timeout_ms),
-        healthy_after: f.ai.healthy_after,
-        unhealthy_after: f.ai.unhealthy_after,
-        discovery_interval: ms(f.ai.discovery_interval_ms),
-        request_timeout: ms(f.ai.request_timeout_ms),
-        max_attempts: f.ai.max_attempts,
-        dispatch_deadline: ms(f.ai.dispatch_deadline_ms),
-        stall_timeout: ms(f.stream.stall_timeout_ms),
-        max_body_bytes: f.limits.max_body_bytes,
-        max_frame_bytes: f.limits.max_frame_bytes,
-        session_rate_per_sec: f.limits.session_rate_per_sec,
-        session_burst: f.limits.session_burst,
-        ip_rate_per_sec: f.limits.ip_rate_per_sec,
-        ip_burst: f.limits.ip_burst,
-        ws_send_queue: f.limits.ws_send_queue,
-        ws_send_timeout: ms(f.limits.ws_send_timeout_ms),
-        ws_ping_interval: ms(f.limits.ws_ping_interval_ms),
-        ws_client_timeout: ms(f.limits.ws_client_timeout_ms),
-        max_sockets: f.limits.max_sockets,
-    })
+        health_path: ai.health_path.get_ref().clone(),
+        health_interval,
+        health_timeout,
+        healthy_after: c.at_least("ai.healthy_after", &ai.healthy_after, 1),
+        unhealthy_after: c.at_least("ai.unhealthy_after", &ai.unhealthy_after, 1),
+        discovery_interval,
+        request_timeout,
+        max_attempts: c.at_least("ai.max_attempts", &ai.max_attempts, 1),
+        dispatch_deadline,
+        stall_timeout,
+        max_body_bytes: c.at_least("limits.max_body_bytes", &limits.max_body_bytes, 1024),
+        max_frame_bytes: c.at_least("limits.max_frame_bytes", &limits.max_frame_bytes, 1024),
+        session_rate_per_sec: c.within("limits.session_rate_per_sec", &limits.session_rate_per_sec, 1e-6, 1e6),
+        session_burst: c.at_least("limits.session_burst", &limits.session_burst, 1),
+        ip_rate_per_sec: c.within("limits.ip_rate_per_sec", &limits.ip_rate_per_sec, 1e-6, 1e6),
+        ip_burst: c.at_least("limits.ip_burst", &limits.ip_burst, 1),
+        ws_send_queue: c.at_least("limits.ws_send_queue", &limits.ws_send_queue, 1),
+        ws_send_timeout,
+        ws_ping_interval,
+        ws_client_timeout,
+        max_sockets: c.at_least("limits.max_sockets", &limits.max_sockets, 1),
+    };
+    c.finish(config)
 }
 
 impl Config {
     pub fn defaults() -> Config {
-        check(FileConfig::default(), "<defaults>".into()).expect("the defaults are valid")
+        load(None, &|_| None).expect("the defaults are valid")
     }
 }
 
@@ -434,6 +368,10 @@ mod tests {
 
     fn no_env(_: &str) -> Option<String> {
         None
+    }
+
+    fn errors(path: &Path) -> String {
+        load(Some(path), &no_env).unwrap_err().to_string()
     }
 
     #[test]
@@ -458,10 +396,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("b.toml");
         std::fs::write(&path, "[ai]\nurls = [\"ftp://x\", \"http://a\"]\n[limits]\nmax_frame_bytes = 3\n").unwrap();
-        let err = load(Some(&path), &no_env).unwrap_err();
+        let err = errors(&path);
         assert!(err.contains("ftp://x") && err.contains("http://a") && err.contains("limits.max_frame_bytes"), "{err}");
         std::fs::write(&path, "[stream]\nstall_timeout = 3\n").unwrap();
-        let err = load(Some(&path), &no_env).unwrap_err();
+        let err = errors(&path);
         assert!(err.contains("b.toml") && err.contains("stall_timeout"), "{err}");
     }
 
@@ -470,7 +408,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.toml");
         std::fs::write(&path, "[limits]\nsession_rate_per_sec = 1e-300\nip_rate_per_sec = 1e300\n").unwrap();
-        let err = load(Some(&path), &no_env).unwrap_err();
+        let err = errors(&path);
         assert!(err.contains("limits.session_rate_per_sec") && err.contains("limits.ip_rate_per_sec"), "{err}");
+    }
+
+    #[test]
+    fn a_duration_reads_the_same_in_the_one_format_and_as_its_old_ms_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let load_text = |text: &str| {
+            let path = dir.path().join("d.toml");
+            std::fs::write(&path, text).unwrap();
+            load(Some(&path), &no_env)
+        };
+        let new = load_text("[stream]\nstall_timeout = \"1500ms\"\n").unwrap();
+        let old = load_text("[stream]\nstall_timeout_ms = 1500\n").unwrap();
+        assert_eq!((new.stall_timeout, old.stall_timeout), (Duration::from_millis(1500), Duration::from_millis(1500)));
+        let both = load_text("[stream]\nstall_timeout = \"2s\"\nstall_timeout_ms = 1500\n").unwrap_err().to_string();
+        assert!(both.contains("d.toml:2: stream.stall_timeout: is set twice"), "{both}");
+        let env = |k: &str| (k == "REDIS_URL").then(|| "http://x".to_owned());
+        let from_env = load(None, &env).unwrap_err().to_string();
+        assert!(from_env.starts_with("environment REDIS_URL: redis.url: "), "{from_env}");
     }
 }

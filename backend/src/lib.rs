@@ -129,11 +129,11 @@ pub async fn run(
                 async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()) }
             }),
         );
-        tokio::spawn(async move { axum::serve(chat_wire::http::no_delay(l), router).await });
+        tokio::spawn(async move { axum::serve(service_kit::http::no_delay(l), router).await });
     }
     let stop_serving = CancellationToken::new();
     let server = axum::serve(
-        chat_wire::http::no_delay(listener),
+        service_kit::http::no_delay(listener),
         api::router(app.clone()).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(stop_serving.clone().cancelled_owned());

@@ -1,8 +1,8 @@
 //! `backend`: parses flags, loads the configuration, serves until SIGINT/SIGTERM.
 
 use backend::{config, App};
-use chat_wire::service::{self, ConfigFlags};
 use clap::Parser;
+use service_kit::flags::{self, ConfigFlags};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -15,8 +15,10 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    match service::start(&args.config, config::load) {
-        Ok(config) => service::finish(serve(config).await),
+    flags::init_logging();
+    let loaded = config::load(args.config.config.as_deref(), &service_kit::config::process_env);
+    match flags::checked(&args.config, loaded) {
+        Ok(config) => flags::finish(serve(config).await),
         Err(code) => code,
     }
 }
@@ -31,6 +33,6 @@ async fn serve(config: config::Config) -> anyhow::Result<()> {
         config.ai_nodes.iter().map(|n| n.url.as_str()).collect::<Vec<_>>().join(",")
     );
     let app = App::start(config).await?;
-    backend::run(listener, metrics, app, chat_wire::http::shutdown_signal()).await?;
+    backend::run(listener, metrics, app, service_kit::http::shutdown_signal()).await?;
     Ok(())
 }

@@ -121,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
     print_table(&args, &redis_note, &node_urls, &backend_addrs, &metrics_addrs, &proxy_bin);
 
     tokio::select! {
-        _ = chat_wire::http::shutdown_signal() => println!("\nstopping..."),
+        _ = service_kit::http::shutdown_signal() => println!("\nstopping..."),
         status = proxy.wait() => println!("the proxy exited ({status:?}); stopping..."),
     }
     if let Some(pid) = proxy.id() {

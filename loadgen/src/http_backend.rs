@@ -29,5 +29,5 @@ pub fn router(id: &str) -> Router {
 
 /// Serves `router(id)` on `listener` until the process ends.
 pub async fn run(listener: TcpListener, id: &str) -> std::io::Result<()> {
-    axum::serve(chat_wire::http::no_delay(listener), router(id)).await
+    axum::serve(service_kit::http::no_delay(listener), router(id)).await
 }

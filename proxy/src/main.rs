@@ -11,17 +11,18 @@ use clap::Parser;
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use proxy::config::{self, Overrides};
+use service_kit::flags::{self, ConfigFlags};
+
+/// Read when no `--config` is given.
+const DEFAULT_CONFIG: &str = "conf/proxy.toml";
 
 /// The edge proxy in front of the chat backends.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Configuration file.
-    #[arg(short, long, default_value = "conf/proxy.toml")]
-    config: PathBuf,
-    /// Check the configuration and exit: 0 when usable, 1 when not.
-    #[arg(short, long)]
-    test: bool,
+    /// `-c/--config FILE` (default conf/proxy.toml) and `-t/--test`.
+    #[command(flatten)]
+    config: ConfigFlags,
     /// Public listener address (overrides the file and PROXY_LISTEN).
     #[arg(long)]
     listen: Option<String>,
@@ -40,8 +41,8 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let args = Args::parse();
+    let mut args = Args::parse();
+    flags::init_logging();
     let flag = |value: &Option<String>, name: &str| value.clone().map(|v| (v, format!("flag --{name}")));
     let overrides = Overrides::from_env().then(Overrides {
         listen: flag(&args.listen, "listen"),
@@ -49,22 +50,13 @@ fn main() -> ExitCode {
         backends: flag(&args.backends, "backends"),
     });
 
-    let config = match config::load(&args.config, &overrides) {
+    let path = args.config.config.get_or_insert_with(|| PathBuf::from(DEFAULT_CONFIG)).clone();
+    let config = match flags::checked(&args.config, config::load(&path, &overrides)) {
         Ok(config) => config,
-        Err(e) => {
-            eprintln!("{e}");
-            if args.test {
-                eprintln!("configuration {} test failed", args.config.display());
-            }
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
-    if args.test {
-        println!("configuration {} is ok", args.config.display());
-        return ExitCode::SUCCESS;
-    }
 
-    let options = proxy::RunOptions { config_path: args.config, overrides, upgrade: args.upgrade, daemon: args.daemon };
+    let options = proxy::RunOptions { config_path: path, overrides, upgrade: args.upgrade, daemon: args.daemon };
     match proxy::run(config, options) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,7 +1,7 @@
 //! HTTP pieces the backend and the AI node serve alike: the one JSON error
 //! shape `{"error": {"code", "message"}}`, the mapping of axum's JSON
-//! rejections onto it, the access log line, the shutdown signal, and reading
-//! a TOML config file with errors that name the file.
+//! rejections onto it, the access log line, the shutdown signal, and the
+//! listener with Nagle's algorithm off.
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::Request;
@@ -9,8 +9,6 @@ use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::de::DeserializeOwned;
-use std::path::Path;
 use std::time::Instant;
 
 /// An error answer: status, machine code, human message. Internals are logged, not put here.
@@ -26,8 +24,8 @@ impl ApiError {
         ApiError { status, code, message: message.into() }
     }
 
-    /// 400 for a field that breaks the rules of `ids`.
-    pub fn invalid(e: crate::InvalidInput) -> Self {
+    /// 400 for a field that breaks the rules of `chat_wire::ids`.
+    pub fn invalid(e: impl std::fmt::Display) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string())
     }
 
@@ -87,12 +85,6 @@ pub async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},
     }
-}
-
-/// Reads and parses a TOML config file; the error names the file (and toml's line and key).
-pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    toml::from_str::<T>(&text).map_err(|e| format!("{}: {}", path.display(), e.to_string().trim_end()))
 }
 
 /// `listener` with `TCP_NODELAY` on every accepted connection, for
