@@ -9,7 +9,7 @@
 //! still read.
 
 use serde::Deserialize;
-use service_kit::config::{Checker, ConfigError, Env, Legacy, Source, Spanned};
+use service_kit::config::{Checker, ConfigError, Env, Legacy, RedisFile, Source, Spanned};
 use service_kit::{default_sections, defaults};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -47,21 +47,6 @@ pub struct ServerFile {
     pub shutdown_grace: Spanned<String>,
     #[serde(default)]
     pub shutdown_grace_ms: Old,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RedisFile {
-    #[serde(default = "default_redis_url")]
-    pub url: Spanned<String>,
-    #[serde(default = "default_redis_timeout")]
-    pub connect_timeout: Spanned<String>,
-    #[serde(default)]
-    pub connect_timeout_ms: Old,
-    #[serde(default = "default_redis_timeout")]
-    pub command_timeout: Spanned<String>,
-    #[serde(default)]
-    pub command_timeout_ms: Old,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,8 +141,6 @@ defaults! {
     default_listen_addr -> String = "0.0.0.0:8000".into();
     default_node_id -> String = "ai-1".into();
     default_shutdown_grace -> String = "10s".into();
-    default_redis_url -> String = "redis://127.0.0.1:6379".into();
-    default_redis_timeout -> String = "2s".into();
     default_max_concurrent_streams -> usize = 256;
     default_max_body_bytes -> usize = 256 * 1024;
     default_stream_max_len -> usize = chat_wire::ledger::DEFAULT_MAX_LEN;
@@ -176,7 +159,7 @@ defaults! {
     default_openai_idle_timeout -> String = "60s".into();
 }
 
-default_sections!(ServerFile, RedisFile, LimitsFile, StreamFile, HistoryFile, EngineFile, SyntheticFile, OpenAiFile);
+default_sections!(ServerFile, LimitsFile, StreamFile, HistoryFile, EngineFile, SyntheticFile, OpenAiFile);
 
 /// The checked configuration.
 #[derive(Debug, Clone)]
@@ -249,7 +232,7 @@ pub fn load(path: Option<&Path>, env: Env<'_>) -> Result<Config, ConfigError> {
     let mut f: FileConfig = source.parse()?;
     let mut c = Checker::new(&source);
     c.env_override(env, "LISTEN_ADDR", "server.listen_addr", &mut f.server.listen_addr);
-    c.env_override(env, "REDIS_URL", "redis.url", &mut f.redis.url);
+    f.redis.override_from(&mut c, env);
     c.env_override(env, "NODE_ID", "server.node_id", &mut f.server.node_id);
     c.env_override(env, "ENGINE", "engine.kind", &mut f.engine.kind);
     c.env_override(env, "OPENAI_BASE_URL", "engine.openai.base_url", &mut f.engine.openai.base_url);
@@ -268,14 +251,10 @@ fn check(f: FileConfig, mut c: Checker<'_>) -> Result<Config, ConfigError> {
     c.valid("server.node_id", &f.server.node_id, |id| {
         chat_wire::validate_id("server.node_id", id).map_err(|e| e.reason)
     });
-    c.url_with_scheme("redis.url", &f.redis.url, &["redis://", "rediss://", "unix://"]);
+    let redis = f.redis.check(&mut c);
     let (ms, secs) = (Legacy::Millis, Legacy::Secs);
     let shutdown_grace =
         c.duration_in("server.shutdown_grace", &f.server.shutdown_grace, ms.of(&f.server.shutdown_grace_ms), ANY);
-    let redis_connect_timeout =
-        c.positive_ms("redis.connect_timeout", &f.redis.connect_timeout, &f.redis.connect_timeout_ms);
-    let redis_command_timeout =
-        c.positive_ms("redis.command_timeout", &f.redis.command_timeout, &f.redis.command_timeout_ms);
     let stream = &f.stream;
     // Streams must stay resumable for 5 minutes.
     let stream_ttl =
@@ -331,9 +310,9 @@ fn check(f: FileConfig, mut c: Checker<'_>) -> Result<Config, ConfigError> {
         listen_addr,
         node_id: f.server.node_id.get_ref().clone(),
         shutdown_grace,
-        redis_url: f.redis.url.get_ref().clone(),
-        redis_connect_timeout,
-        redis_command_timeout,
+        redis_url: redis.url,
+        redis_connect_timeout: redis.connect_timeout,
+        redis_command_timeout: redis.command_timeout,
         max_concurrent_streams: c.at_least("limits.max_concurrent_streams", &f.limits.max_concurrent_streams, 1),
         max_body_bytes: c.at_least("limits.max_body_bytes", &f.limits.max_body_bytes, 1024),
         stream_max_len: c.at_least("stream.max_len", &stream.max_len, 16),
@@ -429,6 +408,10 @@ mod tests {
         assert_eq!(c.stream_lease, Duration::from_millis(1500));
         assert_eq!(c.history_ttl, Duration::from_secs(7200));
         std::fs::write(&path, "[stream]\nlease = \"90s\"\n").unwrap();
-        assert!(errors(&path).contains("s.toml:2: stream.lease: 90s is not between 100ms and 60s"), "{}", errors(&path));
+        assert!(
+            errors(&path).contains("s.toml:2: stream.lease: 90s is not between 100ms and 60s"),
+            "{}",
+            errors(&path)
+        );
     }
 }

@@ -9,7 +9,7 @@
 
 use ipnet::IpNet;
 use serde::Deserialize;
-use service_kit::config::{unspanned, Checker, ConfigError, Env, Source, Spanned};
+use service_kit::config::{unspanned, Checker, ConfigError, Env, RedisFile, Source, Spanned};
 use service_kit::{default_sections, defaults};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -48,21 +48,6 @@ pub struct ServerFile {
     pub shutdown_grace_ms: Old,
     #[serde(default = "d_trusted")]
     pub trusted_proxies: Vec<Spanned<String>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RedisFile {
-    #[serde(default = "d_redis_url")]
-    pub url: Spanned<String>,
-    #[serde(default = "d_2s")]
-    pub connect_timeout: Spanned<String>,
-    #[serde(default)]
-    pub connect_timeout_ms: Old,
-    #[serde(default = "d_2s")]
-    pub command_timeout: Spanned<String>,
-    #[serde(default)]
-    pub command_timeout_ms: Old,
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,7 +132,6 @@ defaults! {
     d_backend_id -> String = "backend-1".into();
     d_metrics_listen -> String = "127.0.0.1:9100".into();
     d_grace -> String = "5s".into();
-    d_redis_url -> String = "redis://127.0.0.1:6379".into();
     d_health_path -> String = "/health".into();
     d_1s -> String = "1s".into();
     d_2s -> String = "2s".into();
@@ -174,7 +158,7 @@ fn d_trusted() -> Vec<Spanned<String>> {
     ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"].map(|c| unspanned(c.into())).to_vec()
 }
 
-default_sections!(ServerFile, RedisFile, AiFile, StreamFile, LimitsFile);
+default_sections!(ServerFile, AiFile, StreamFile, LimitsFile);
 
 /// One AI node as configured: the URL operators wrote, and what to connect to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -244,7 +228,7 @@ pub fn load(path: Option<&Path>, env: Env<'_>) -> Result<Config, ConfigError> {
         file.server.metrics_listen_addr = unspanned(v);
         c.set_by("server.metrics_listen_addr", "environment METRICS_LISTEN_ADDR");
     }
-    c.env_override(env, "REDIS_URL", "redis.url", &mut file.redis.url);
+    file.redis.override_from(&mut c, env);
     c.env_override(env, "BACKEND_ID", "server.backend_id", &mut file.server.backend_id);
     let mut urls = unspanned(String::new());
     if c.env_override(env, "AI_SERVICE_URLS", "ai.urls", &mut urls) {
@@ -290,7 +274,7 @@ fn check(f: FileConfig, mut c: Checker<'_>) -> Result<Config, ConfigError> {
             ),
         }
     }
-    c.url_with_scheme("redis.url", &redis.url, &["redis://", "rediss://", "unix://"]);
+    let redis = redis.check(&mut c);
     let mut ai_nodes = Vec::new();
     if ai.urls.get_ref().is_empty() {
         c.problem("ai.urls", &ai.urls, "at least one AI node is needed");
@@ -309,8 +293,6 @@ fn check(f: FileConfig, mut c: Checker<'_>) -> Result<Config, ConfigError> {
     });
     let mut duration = |key: &str, value: &Spanned<String>, old: &Old| c.positive_ms(key, value, old);
     let shutdown_grace = duration("server.shutdown_grace", &server.shutdown_grace, &server.shutdown_grace_ms);
-    let redis_connect_timeout = duration("redis.connect_timeout", &redis.connect_timeout, &redis.connect_timeout_ms);
-    let redis_command_timeout = duration("redis.command_timeout", &redis.command_timeout, &redis.command_timeout_ms);
     let health_interval = duration("ai.health_interval", &ai.health_interval, &ai.health_interval_ms);
     let health_timeout = duration("ai.health_timeout", &ai.health_timeout, &ai.health_timeout_ms);
     let discovery_interval = duration("ai.discovery_interval", &ai.discovery_interval, &ai.discovery_interval_ms);
@@ -327,9 +309,9 @@ fn check(f: FileConfig, mut c: Checker<'_>) -> Result<Config, ConfigError> {
         metrics_listen_addr,
         shutdown_grace,
         trusted_proxies,
-        redis_url: redis.url.get_ref().clone(),
-        redis_connect_timeout,
-        redis_command_timeout,
+        redis_url: redis.url,
+        redis_connect_timeout: redis.connect_timeout,
+        redis_command_timeout: redis.command_timeout,
         ai_nodes,
         health_path: ai.health_path.get_ref().clone(),
         health_interval,

@@ -10,8 +10,10 @@
 //! problem with it names the variable or flag instead of a line.
 
 mod duration;
+mod redis;
 
 pub use duration::{parse_duration, Legacy};
+pub use redis::{RedisFile, RedisSettings};
 pub use toml::Spanned;
 
 use serde::de::DeserializeOwned;
