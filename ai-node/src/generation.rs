@@ -5,7 +5,7 @@
 use crate::engine::{Engine, EngineError, Prompt};
 use crate::store::{Store, Turn};
 use chat_wire::ledger::Emitted;
-use chat_wire::{now_micros, Event};
+use chat_wire::{count_tokens, now_micros, Event, Usage};
 use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,6 +73,8 @@ impl Generator {
             }
         };
         let continue_from = (!job.prefix.is_empty()).then(|| job.prefix.clone());
+        let prompt_tokens =
+            count_tokens(&job.message) + history.iter().map(|turn| count_tokens(&turn.content)).sum::<u64>();
         let prompt = Prompt { message: job.message.clone(), history, continue_from };
         let mut seq = job.after_seq;
         let mut answer = job.prefix.clone();
@@ -120,6 +122,9 @@ impl Generator {
                 }
             }
         };
+        // Every chunk of the answer is one piece the engine produced, also
+        // those of earlier producers (seq counts them all).
+        let ending = ending.with_usage(Usage::new(prompt_tokens, seq));
         let outcome = match &ending.code {
             None => Outcome::Done { chunks: seq },
             Some(code) => Outcome::Failed { code: code.clone() },

@@ -4,7 +4,7 @@
 
 use crate::chat::{start_chat, ChatBody};
 use crate::follow::{Out, ResumeError};
-use crate::reader::{Reader, TooSlow};
+use crate::reader::{follow_one, Item, Reader};
 use crate::{ws, App};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, Request, State};
@@ -31,6 +31,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/ws/chat", get(ws::upgrade))
         .route("/health", get(health))
         .route("/", get(page))
+        .merge(crate::openai::routes())
         .fallback(service_kit::http::not_found)
         .layer(DefaultBodyLimit::max(app.config.max_body_bytes))
         .layer(middleware::from_fn(service_kit::http::access_log))
@@ -97,85 +98,66 @@ async fn resume_sse(
     Query(params): Query<ResumeParams>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    chat_wire::validate_id("request_id", &request_id).map_err(ApiError::invalid)?;
-    let last_event_id = match headers.get("last-event-id") {
-        None => None,
-        Some(v) => Some(v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()).ok_or_else(|| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "Last-Event-ID must be a seq (a whole number)")
-        })?),
-    };
-    let after_seq = last_event_id.or(params.after_seq).unwrap_or(0);
+    let after_seq = last_event_id(&headers)?.or(params.after_seq).unwrap_or(0);
+    match open_resume(&app, &request_id, after_seq).await? {
+        Some((reader, first)) => Ok(sse(app, reader, request_id, first).into_response()),
+        None => {
+            // The client has the whole request already: an empty stream that ends.
+            let empty = futures::stream::empty::<Result<SseEvent, Infallible>>();
+            Ok(Sse::new(empty).into_response())
+        }
+    }
+}
+
+/// `Last-Event-ID`, a seq, when the client sent one.
+pub(crate) fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(v) = headers.get("last-event-id") else { return Ok(None) };
+    let seq = v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()).ok_or_else(|| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", "Last-Event-ID must be a seq (a whole number)")
+    })?;
+    Ok(Some(seq))
+}
+
+/// A reader of `request_id` from `after_seq` on, on any backend, with what
+/// it has to send first; `None` when the client has the whole request.
+pub(crate) async fn open_resume(
+    app: &Arc<App>,
+    request_id: &str,
+    after_seq: u64,
+) -> Result<Option<(Reader, Vec<Out>)>, ApiError> {
+    chat_wire::validate_id("request_id", request_id).map_err(ApiError::invalid)?;
     let unknown = || ApiError::new(StatusCode::NOT_FOUND, "unknown_request", "no such request, or it expired");
     let unavailable =
         || ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the event store is unreachable");
-    let record = match app.ledger.record(&request_id).await {
+    let record = match app.ledger.record(request_id).await {
         Ok(Some(record)) => record,
         Ok(None) => return Err(unknown()),
         Err(_) => return Err(unavailable()),
     };
     // Attached before reading the stream, so no event passes unseen in between.
-    let mut reader = Reader::attach_for(&app, &record.session_id, &request_id).await;
-    let first = match reader.follower.resume(&request_id, after_seq).await {
+    let mut reader = Reader::attach_for(app, &record.session_id, request_id).await;
+    let first = match reader.follower.resume(request_id, after_seq).await {
         Ok(first) => first,
         Err(ResumeError::UnknownRequest) => return Err(unknown()),
         Err(ResumeError::StoreUnavailable) => return Err(unavailable()),
     };
     app.metrics.events_replayed.inc_by(first.len() as u64);
-    let ended = first.is_empty() && !reader.follower.is_following(&request_id);
-    if ended {
-        // The client has the whole request already: an empty stream that ends.
-        let empty = futures::stream::empty::<Result<SseEvent, Infallible>>();
-        return Ok(Sse::new(empty).into_response());
-    }
-    Ok(sse(app, reader, request_id, first).into_response())
+    let ended = first.is_empty() && !reader.follower.is_following(request_id);
+    Ok((!ended).then_some((reader, first)))
 }
 
 /// The events of one request as Server-Sent Events, ending after its `done`
 /// or `error`. A reader dropped as too slow (or told the stored events are
 /// gone) ends with an `error` event without an id, and may resume.
-fn sse(app: Arc<App>, mut reader: Reader, request_id: String, first: Vec<Out>) -> impl IntoResponse {
-    let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(64);
-    tokio::spawn(async move {
-        let send_timeout = app.config.ws_send_timeout;
-        let mut pending = first;
-        loop {
-            for out in pending.drain(..) {
-                let (event, end) = match out {
-                    Out::Event(e) if e.request_id == request_id => {
-                        app.metrics.observe_delivery(e.ts_us);
-                        (sse_event(&e), e.is_terminal())
-                    }
-                    Out::Notice { request_id: id, code, message } if id == request_id => {
-                        (sse_notice(&id, code, &message), true)
-                    }
-                    _ => continue,
-                };
-                if tx.send(event).await.is_err() || end {
-                    return;
-                }
-            }
-            if !reader.follower.is_following(&request_id) {
-                // Ended at or below what the client said it has: nothing more comes.
-                return;
-            }
-            let wake = tokio::select! {
-                wake = reader.wake() => wake,
-                _ = tx.closed() => return,
-            };
-            match reader.handle(wake).await {
-                Ok(events) => pending = events,
-                Err(TooSlow) => {
-                    app.metrics.slow_consumers.inc();
-                    let notice =
-                        sse_notice(&request_id, "too_slow", "the client read too slowly; resume with Last-Event-ID");
-                    let _ = tokio::time::timeout(send_timeout, tx.send(notice)).await;
-                    return;
-                }
-            }
-        }
+fn sse(app: Arc<App>, reader: Reader, request_id: String, first: Vec<Out>) -> impl IntoResponse {
+    let rx = follow_one(app, reader, request_id.clone(), first);
+    let stream = futures::stream::unfold((rx, request_id), |(mut rx, id)| async move {
+        let event = match rx.recv().await? {
+            Item::Event(e) => sse_event(&e),
+            Item::Notice { code, message } => sse_notice(&id, code, &message),
+        };
+        Some((Ok::<_, Infallible>(event), (rx, id)))
     });
-    let stream =
-        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx)) });
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 

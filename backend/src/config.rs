@@ -28,6 +28,20 @@ pub struct FileConfig {
     pub stream: StreamFile,
     #[serde(default)]
     pub limits: LimitsFile,
+    #[serde(default)]
+    pub openai: OpenAiFile,
+}
+
+/// `[openai]`: the OpenAI-compatible face (`/v1/...`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiFile {
+    /// Model names `/v1/models` lists and `model` must be one of.
+    #[serde(default = "d_models")]
+    pub models: Spanned<Vec<Spanned<String>>>,
+    /// Longest wait for a whole answer (`stream: false`).
+    #[serde(default = "d_10m")]
+    pub completion_timeout: Spanned<String>,
 }
 
 /// A duration key and its old `_ms` spelling.
@@ -151,6 +165,8 @@ defaults! {
     d_ip_burst -> u32 = 100;
     d_queue -> usize = 256;
     d_max_sockets -> usize = 20_000;
+    d_10m -> String = "10m".into();
+    d_models -> Vec<Spanned<String>> = vec![unspanned("chat".into())];
     d_ai_urls -> Vec<Spanned<String>> = vec![unspanned("http://127.0.0.1:8000".into())];
 }
 
@@ -158,7 +174,7 @@ fn d_trusted() -> Vec<Spanned<String>> {
     ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"].map(|c| unspanned(c.into())).to_vec()
 }
 
-default_sections!(ServerFile, AiFile, StreamFile, LimitsFile);
+default_sections!(ServerFile, AiFile, StreamFile, LimitsFile, OpenAiFile);
 
 /// One AI node as configured: the URL operators wrote, and what to connect to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,6 +227,10 @@ pub struct Config {
     /// A socket that sends nothing (not even a pong) for this long is closed.
     pub ws_client_timeout: Duration,
     pub max_sockets: usize,
+    /// Model names of the OpenAI-compatible face.
+    pub openai_models: Vec<String>,
+    /// Longest wait for a whole `/v1` answer.
+    pub completion_timeout: Duration,
 }
 
 pub const ENV_OVERRIDES: &[&str] =
@@ -287,6 +307,16 @@ fn check(f: FileConfig, mut c: Checker<'_>) -> Result<Config, ConfigError> {
             Err(e) => c.problem(&key, url, e),
         }
     }
+    let mut openai_models = Vec::new();
+    if f.openai.models.get_ref().is_empty() {
+        c.problem("openai.models", &f.openai.models, "at least one model name is needed");
+    }
+    for (i, model) in f.openai.models.get_ref().iter().enumerate() {
+        c.valid(&format!("openai.models[{i}]"), model, |m| {
+            chat_wire::validate_id("model", m).map_err(|e| e.reason)
+        });
+        openai_models.push(model.get_ref().clone());
+    }
     c.valid("ai.health_path", &ai.health_path, |p| match p.starts_with('/') {
         true => Ok(()),
         false => Err(format!("{p:?} must start with /")),
@@ -334,6 +364,8 @@ fn check(f: FileConfig, mut c: Checker<'_>) -> Result<Config, ConfigError> {
         ws_ping_interval,
         ws_client_timeout,
         max_sockets: c.at_least("limits.max_sockets", &limits.max_sockets, 1),
+        openai_models,
+        completion_timeout: c.positive_duration("openai.completion_timeout", &f.openai.completion_timeout),
     };
     c.finish(config)
 }

@@ -13,6 +13,7 @@ pub mod hub;
 pub mod limits;
 pub mod metrics;
 pub mod nodes;
+pub mod openai;
 pub mod reader;
 pub mod takeover;
 pub mod ws;

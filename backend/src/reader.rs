@@ -78,3 +78,65 @@ impl Reader {
         Ok(out)
     }
 }
+
+/// What a reader of one request (an SSE response, a `/v1` answer) gets.
+pub enum Item {
+    /// An event of the request, in `seq` order, each once; the last one is terminal.
+    Event(chat_wire::Event),
+    /// A reader-level error that ends this reader (not the request): `too_slow`,
+    /// `events_trimmed`, `resume_past_end`, ...; the client may resume.
+    Notice { code: &'static str, message: String },
+}
+
+/// Follows `request_id` to its end on a task of its own: `first` (what the
+/// reader already holds), then every later event, once each, in order. The
+/// task stops after the terminal event or a notice, and as soon as the
+/// receiver is dropped (the client left).
+pub fn follow_one(
+    app: Arc<App>,
+    mut reader: Reader,
+    request_id: String,
+    first: Vec<Out>,
+) -> tokio::sync::mpsc::Receiver<Item> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Item>(64);
+    tokio::spawn(async move {
+        let send_timeout = app.config.ws_send_timeout;
+        let mut pending = first;
+        loop {
+            for out in pending.drain(..) {
+                let (item, end) = match out {
+                    Out::Event(e) if e.request_id == request_id => {
+                        app.metrics.observe_delivery(e.ts_us);
+                        let end = e.is_terminal();
+                        (Item::Event(e), end)
+                    }
+                    Out::Notice { request_id: id, code, message } if id == request_id => {
+                        (Item::Notice { code, message }, true)
+                    }
+                    _ => continue,
+                };
+                if tx.send(item).await.is_err() || end {
+                    return;
+                }
+            }
+            if !reader.follower.is_following(&request_id) {
+                // Ended at or below what the client said it has: nothing more comes.
+                return;
+            }
+            let wake = tokio::select! {
+                wake = reader.wake() => wake,
+                _ = tx.closed() => return,
+            };
+            match reader.handle(wake).await {
+                Ok(events) => pending = events,
+                Err(TooSlow) => {
+                    app.metrics.slow_consumers.inc();
+                    let message = "the client read too slowly; resume with Last-Event-ID".to_string();
+                    let _ = tokio::time::timeout(send_timeout, tx.send(Item::Notice { code: "too_slow", message })).await;
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}

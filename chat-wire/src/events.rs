@@ -46,6 +46,47 @@ pub struct Event {
     /// The producer's epoch: 1 for the first node, one more for each takeover.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<u64>,
+    /// Tokens of the request, on the terminal event a node stores
+    /// (`done`, and an `error` after which tokens were spent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// Tokens one request used, counted the same way whether it was streamed or
+/// read whole: `completion_tokens` is the number of pieces the engine
+/// produced (one `chunk` each, across takeovers), `prompt_tokens` the
+/// [`count_tokens`] of what the engine was sent (message and history).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Usage {
+        Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+    }
+}
+
+/// An engine-independent token count of a text, close to what BPE
+/// tokenizers give for English: a word is one token per four characters
+/// (rounded up), each other visible character one token.
+pub fn count_tokens(text: &str) -> u64 {
+    let mut tokens = 0u64;
+    let mut word = 0u64;
+    for c in text.chars() {
+        if c.is_alphanumeric() {
+            word += 1;
+            continue;
+        }
+        tokens += word.div_ceil(4);
+        word = 0;
+        if !c.is_whitespace() {
+            tokens += 1;
+        }
+    }
+    tokens + word.div_ceil(4)
 }
 
 impl Event {
@@ -76,7 +117,13 @@ impl Event {
             ts_us: None,
             node: None,
             epoch: None,
+            usage: None,
         }
+    }
+
+    /// The same event carrying `usage`.
+    pub fn with_usage(self, usage: Usage) -> Self {
+        self.with(|e| e.usage = Some(usage))
     }
 
     fn with(mut self, f: impl FnOnce(&mut Self)) -> Self {
@@ -111,6 +158,23 @@ mod tests {
     fn chunk_encodes_as_the_contract_says() {
         let json = Event::chunk("r-1", 1, "Hel").to_json();
         assert_eq!(json, r#"{"type":"chunk","request_id":"r-1","seq":1,"delta":"Hel"}"#);
+    }
+
+    #[test]
+    fn usage_rides_on_done_as_the_contract_says() {
+        let done = Event::done("r-1", 3, "stop").with_usage(Usage::new(5, 2));
+        let json = done.to_json();
+        assert!(json.contains(r#""usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}"#), "{json}");
+        assert_eq!(Event::from_json(&json).unwrap(), done);
+    }
+
+    #[test]
+    fn tokens_are_counted_from_words_and_marks() {
+        assert_eq!(count_tokens(""), 0);
+        assert_eq!(count_tokens("hello world"), 4);
+        assert_eq!(count_tokens("Hi, you!"), 4);
+        assert_eq!(count_tokens("  a  b  "), 2);
+        assert_eq!(count_tokens("extraordinarily"), 4);
     }
 
     #[test]

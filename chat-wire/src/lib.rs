@@ -17,5 +17,5 @@ pub mod ledger;
 pub mod node_api;
 pub mod redis_conn;
 
-pub use events::{now_micros, Event, EventKind};
+pub use events::{count_tokens, now_micros, Event, EventKind, Usage};
 pub use ids::{new_request_id, validate_id, validate_message, InvalidInput, MAX_ID_LEN, MAX_MESSAGE_CHARS};
