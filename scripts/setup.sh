@@ -57,3 +57,18 @@ stop_own_redis() {
     kill "$(cat "$OWN_REDIS_PIDFILE")" 2>/dev/null || true
   fi
 }
+
+# Exports OPENAI_PYTHON: a Python with OpenAI's official `openai` package (from
+# PyPI), in a virtualenv under target/ made on first use, for the test that
+# points the SDK at the proxy. Debian's python3 may lack venv: installed then.
+ensure_openai_sdk() {
+  local venv=target/openai-sdk
+  command -v python3 >/dev/null || apt_install python3 python3-venv
+  if ! "$venv/bin/python" -c 'import openai' 2>/dev/null; then
+    echo "== installing the openai Python package into $venv"
+    python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv && python3 -m venv "$venv"; }
+    "$venv/bin/pip" install -q --disable-pip-version-check 'openai>=1.40,<3'
+  fi
+  OPENAI_PYTHON="$(pwd)/$venv/bin/python"
+  export OPENAI_PYTHON
+}

@@ -13,6 +13,7 @@ source scripts/setup.sh
 check_disk
 ensure_build_tools
 ensure_redis
+ensure_openai_sdk
 
 echo "== cargo test (Redis at $TEST_REDIS_URL)"
 results=$(mktemp "${TMPDIR:-/tmp}/chat-test-results.XXXXXX")

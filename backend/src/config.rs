@@ -312,9 +312,7 @@ fn check(f: FileConfig, mut c: Checker<'_>) -> Result<Config, ConfigError> {
         c.problem("openai.models", &f.openai.models, "at least one model name is needed");
     }
     for (i, model) in f.openai.models.get_ref().iter().enumerate() {
-        c.valid(&format!("openai.models[{i}]"), model, |m| {
-            chat_wire::validate_id("model", m).map_err(|e| e.reason)
-        });
+        c.valid(&format!("openai.models[{i}]"), model, |m| chat_wire::validate_id("model", m).map_err(|e| e.reason));
         openai_models.push(model.get_ref().clone());
     }
     c.valid("ai.health_path", &ai.health_path, |p| match p.starts_with('/') {

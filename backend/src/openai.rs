@@ -136,7 +136,9 @@ impl Content {
                 for part in parts {
                     match (part.kind.as_str(), &part.text) {
                         ("text", Some(t)) => text.push_str(t),
-                        (kind, _) => return Err(bad_request(format!("content parts of type {kind:?} are not supported"))),
+                        (kind, _) => {
+                            return Err(bad_request(format!("content parts of type {kind:?} are not supported")))
+                        }
                     }
                 }
                 Ok(text)
@@ -299,20 +301,21 @@ fn stream(
         SseEvent::default().data(chunk.to_string())
     });
     let head = futures::stream::iter(role.map(Ok::<_, Infallible>));
-    let body = futures::stream::unfold((rx, completion, Vec::<SseEvent>::new()), move |(mut rx, c, mut queued)| async move {
-        if queued.is_empty() {
-            queued = match rx.recv().await? {
-                Item::Event(e) => sse_of_event(&c, &e, include_usage),
-                Item::Notice { code, message } => {
-                    let status = StatusCode::SERVICE_UNAVAILABLE;
-                    vec![SseEvent::default().data(error_body(status, code, &message, None).to_string())]
-                }
-            };
-            queued.reverse();
-        }
-        let next = queued.pop()?;
-        Some((Ok::<_, Infallible>(next), (rx, c, queued)))
-    });
+    let body =
+        futures::stream::unfold((rx, completion, Vec::<SseEvent>::new()), move |(mut rx, c, mut queued)| async move {
+            if queued.is_empty() {
+                queued = match rx.recv().await? {
+                    Item::Event(e) => sse_of_event(&c, &e, include_usage),
+                    Item::Notice { code, message } => {
+                        let status = StatusCode::SERVICE_UNAVAILABLE;
+                        vec![SseEvent::default().data(error_body(status, code, &message, None).to_string())]
+                    }
+                };
+                queued.reverse();
+            }
+            let next = queued.pop()?;
+            Some((Ok::<_, Infallible>(next), (rx, c, queued)))
+        });
     Sse::new(futures::StreamExt::chain(head, body)).keep_alive(KeepAlive::default())
 }
 
@@ -326,7 +329,8 @@ fn sse_of_event(c: &Completion, e: &Event, include_usage: bool) -> Vec<SseEvent>
         }
         EventKind::Done => {
             let reason = e.finish_reason.as_deref().unwrap_or("stop");
-            let mut out = vec![SseEvent::default().id(id).data(c.chunk(json!({}), Some(reason), include_usage).to_string())];
+            let mut out =
+                vec![SseEvent::default().id(id).data(c.chunk(json!({}), Some(reason), include_usage).to_string())];
             if include_usage {
                 out.push(SseEvent::default().data(c.usage_chunk(e.usage.unwrap_or_default()).to_string()));
             }
@@ -373,7 +377,11 @@ async fn whole(
                 }
             }
         }
-        Err(OpenAiError(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stream_lost", "the answer's stream ended early")))
+        Err(OpenAiError(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stream_lost",
+            "the answer's stream ended early",
+        )))
     })
     .await;
     let end = match collected {
@@ -415,5 +423,9 @@ async fn model(State(app): State<Arc<App>>, Path(model): Path<String>) -> Result
     if app.config.openai_models.contains(&model) {
         return Ok(Json(model_json(&model)));
     }
-    Err(OpenAiError(ApiError::new(StatusCode::NOT_FOUND, "model_not_found", format!("the model {model:?} does not exist"))))
+    Err(OpenAiError(ApiError::new(
+        StatusCode::NOT_FOUND,
+        "model_not_found",
+        format!("the model {model:?} does not exist"),
+    )))
 }

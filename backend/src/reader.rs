@@ -132,7 +132,8 @@ pub fn follow_one(
                 Err(TooSlow) => {
                     app.metrics.slow_consumers.inc();
                     let message = "the client read too slowly; resume with Last-Event-ID".to_string();
-                    let _ = tokio::time::timeout(send_timeout, tx.send(Item::Notice { code: "too_slow", message })).await;
+                    let _ =
+                        tokio::time::timeout(send_timeout, tx.send(Item::Notice { code: "too_slow", message })).await;
                     return;
                 }
             }
