@@ -173,7 +173,7 @@ async fn a_dropped_v1_stream_resumes_by_its_id_on_another_backend() {
     let before = parse_sse(complete);
     let (head, chunks) = contents(&before, 1);
     let completion_id = chunks[0]["id"].as_str().unwrap().to_owned();
-    let last_id = before.iter().filter_map(|e| e.id.as_ref()).last().unwrap().clone();
+    let last_id = before.iter().filter_map(|e| e.id.as_ref()).next_back().unwrap().clone();
 
     let res = http()
         .get(second.url(&format!("/v1/chat/completions/{completion_id}/events")))
