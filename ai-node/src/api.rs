@@ -24,13 +24,38 @@ const HEALTH_PING_TIMEOUT: Duration = Duration::from_millis(500);
 
 pub fn router(node: Arc<Node>) -> Router {
     let body_limit = node.config.max_body_bytes;
-    Router::new()
+    let guarded = Router::new()
         .route("/chat", post(chat))
+        .route_layer(middleware::from_fn_with_state(node.clone(), require_secret));
+    Router::new()
+        .merge(guarded)
         .route("/health", get(health))
         .fallback(service_kit::http::not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn(service_kit::http::access_log))
         .with_state(node)
+}
+
+/// Middleware: with `server.secret` set, only a caller that sends it in
+/// `X-Node-Secret` (a backend) may start or take over work; 401 otherwise.
+async fn require_secret(
+    State(node): State<Arc<Node>>,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    if let Some(secret) = &node.config.secret {
+        let presented =
+            request.headers().get(chat_wire::node_api::SECRET_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+        if !chat_wire::node_api::secret_matches(secret, presented) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this AI node takes work only from backends",
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
 }
 
 /// The body of `POST /chat`: the backend-to-node contract, in `chat_wire`.

@@ -47,6 +47,10 @@ pub struct ServerFile {
     pub shutdown_grace: Spanned<String>,
     #[serde(default)]
     pub shutdown_grace_ms: Old,
+    /// The secret backends must send (`X-Node-Secret`) to start or take over
+    /// work; empty accepts any caller. Also `NODE_SECRET`.
+    #[serde(default = "default_empty")]
+    pub secret: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,6 +143,7 @@ pub struct OpenAiFile {
 
 defaults! {
     default_listen_addr -> String = "0.0.0.0:8000".into();
+    default_empty -> String = String::new();
     default_node_id -> String = "ai-1".into();
     default_shutdown_grace -> String = "10s".into();
     default_max_concurrent_streams -> usize = 256;
@@ -167,6 +172,8 @@ pub struct Config {
     pub listen_addr: SocketAddr,
     /// Names this node in acceptances, events and health answers.
     pub node_id: String,
+    /// What `X-Node-Secret` must be on `/chat`, when set.
+    pub secret: Option<String>,
     /// How long in-flight streams may run on after a shutdown signal.
     pub shutdown_grace: Duration,
     pub redis_url: String,
@@ -222,8 +229,16 @@ pub struct OpenAiConfig {
 }
 
 /// Environment variables that override the file.
-pub const ENV_OVERRIDES: &[&str] =
-    &["LISTEN_ADDR", "REDIS_URL", "NODE_ID", "ENGINE", "OPENAI_BASE_URL", "OPENAI_MODEL", "OPENAI_API_KEY"];
+pub const ENV_OVERRIDES: &[&str] = &[
+    "LISTEN_ADDR",
+    "REDIS_URL",
+    "NODE_ID",
+    "NODE_SECRET",
+    "ENGINE",
+    "OPENAI_BASE_URL",
+    "OPENAI_MODEL",
+    "OPENAI_API_KEY",
+];
 
 /// Reads `path` (or the defaults when `None`), applies the environment and checks the result.
 /// The error lists every problem, one a line.
@@ -234,6 +249,7 @@ pub fn load(path: Option<&Path>, env: Env<'_>) -> Result<Config, ConfigError> {
     c.env_override(env, "LISTEN_ADDR", "server.listen_addr", &mut f.server.listen_addr);
     f.redis.override_from(&mut c, env);
     c.env_override(env, "NODE_ID", "server.node_id", &mut f.server.node_id);
+    c.env_override(env, "NODE_SECRET", "server.secret", &mut f.server.secret);
     c.env_override(env, "ENGINE", "engine.kind", &mut f.engine.kind);
     c.env_override(env, "OPENAI_BASE_URL", "engine.openai.base_url", &mut f.engine.openai.base_url);
     c.env_override(env, "OPENAI_MODEL", "engine.openai.model", &mut f.engine.openai.model);
@@ -309,6 +325,7 @@ fn check(f: FileConfig, mut c: Checker<'_>) -> Result<Config, ConfigError> {
     let config = Config {
         listen_addr,
         node_id: f.server.node_id.get_ref().clone(),
+        secret: Some(f.server.secret.get_ref().trim().to_owned()).filter(|s| !s.is_empty()),
         shutdown_grace,
         redis_url: redis.url,
         redis_connect_timeout: redis.connect_timeout,

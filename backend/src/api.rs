@@ -2,6 +2,7 @@
 //! /api/ai-health`, `GET /health`, the WebSocket route, and the one JSON error
 //! shape. Every answer carries `X-Backend-Id`.
 
+use crate::auth::{self, Caller};
 use crate::chat::{start_chat, ChatBody};
 use crate::follow::{Out, ResumeError};
 use crate::reader::{follow_one, Item, Reader};
@@ -13,7 +14,7 @@ use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use chat_wire::Event;
 use serde::Deserialize;
 use serde_json::json;
@@ -24,14 +25,19 @@ use std::sync::Arc;
 
 pub fn router(app: Arc<App>) -> Router {
     let backend_id = HeaderValue::from_str(&app.config.backend_id).expect("backend ids are header-safe");
-    Router::new()
+    // Everything under /api/ and /v1/ needs a key when keys are on.
+    let guarded = Router::new()
         .route("/api/chat", post(chat))
         .route("/api/chat/{request_id}/events", get(resume_sse))
         .route("/api/ai-health", get(ai_health))
+        .route("/api/usage", get(usage))
+        .merge(crate::openai::routes())
+        .route_layer(middleware::from_fn_with_state(app.clone(), auth::require_key));
+    Router::new()
+        .merge(guarded)
         .route("/ws/chat", get(ws::upgrade))
         .route("/health", get(health))
         .route("/", get(page))
-        .merge(crate::openai::routes())
         .fallback(service_kit::http::not_found)
         .layer(DefaultBodyLimit::max(app.config.max_body_bytes))
         .layer(middleware::from_fn(service_kit::http::access_log))
@@ -50,6 +56,7 @@ pub use crate::chat::ApiError;
 
 async fn chat(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     payload: Result<Json<ChatBody>, JsonRejection>,
@@ -65,13 +72,13 @@ async fn chat(
         let mut reader = Reader::attach_for(&app, &body.session_id, &request_id).await;
         reader.follower.expect(&request_id);
         let session_id = body.session_id.clone();
-        let accepted = start_chat(&app, ip, body, request_id.clone()).await?;
+        let accepted = start_chat(&app, &caller, ip, body, request_id.clone()).await?;
         log::info!("request_id={request_id} session_id={session_id} node={} sse", accepted.node_url);
         let first = reader.follower.start(&request_id).await;
         return Ok(sse(app, reader, request_id, first).into_response());
     }
     let session_id = body.session_id.clone();
-    let accepted = start_chat(&app, ip, body, request_id.clone()).await?;
+    let accepted = start_chat(&app, &caller, ip, body, request_id.clone()).await?;
     log::info!("request_id={request_id} session_id={session_id} node={}", accepted.node_url);
     let answer = json!({
         "request_id": request_id,
@@ -94,12 +101,13 @@ struct ResumeParams {
 /// SSE stream resumes here with nothing lost or repeated.
 async fn resume_sse(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     axum::extract::Path(request_id): axum::extract::Path<String>,
     Query(params): Query<ResumeParams>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let after_seq = last_event_id(&headers)?.or(params.after_seq).unwrap_or(0);
-    match open_resume(&app, &request_id, after_seq).await? {
+    match open_resume(&app, &caller, &request_id, after_seq).await? {
         Some((reader, first)) => Ok(sse(app, reader, request_id, first).into_response()),
         None => {
             // The client has the whole request already: an empty stream that ends.
@@ -122,6 +130,7 @@ pub(crate) fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, ApiError
 /// it has to send first; `None` when the client has the whole request.
 pub(crate) async fn open_resume(
     app: &Arc<App>,
+    caller: &Caller,
     request_id: &str,
     after_seq: u64,
 ) -> Result<Option<(Reader, Vec<Out>)>, ApiError> {
@@ -134,6 +143,11 @@ pub(crate) async fn open_resume(
         Ok(None) => return Err(unknown()),
         Err(_) => return Err(unavailable()),
     };
+    // Another key's request is unknown here, as if it did not exist.
+    auth::own_session(app, caller, &record.session_id).await.map_err(|e| match e.status {
+        StatusCode::NOT_FOUND => unknown(),
+        _ => e,
+    })?;
     // Attached before reading the stream, so no event passes unseen in between.
     let mut reader = Reader::attach_for(app, &record.session_id, request_id).await;
     let first = match reader.follower.resume(request_id, after_seq).await {
@@ -174,6 +188,21 @@ fn sse_event(event: &Event) -> SseEvent {
 fn sse_notice(request_id: &str, code: &str, message: &str) -> SseEvent {
     let data = json!({"type": "error", "request_id": request_id, "code": code, "message": message});
     SseEvent::default().event("error").data(data.to_string())
+}
+
+/// `GET /api/usage`: the caller's key's own totals, this minute's counts
+/// and its limits (404 with keys off: there is no one to count for).
+async fn usage(State(app): State<Arc<App>>, Extension(caller): Extension<Caller>) -> Result<Response, ApiError> {
+    let (Some(keys), Some(key)) = (&app.keys, &caller.0) else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "keys_off", "usage is counted per API key; keys are off"));
+    };
+    match keys.usage(key).await {
+        Ok(usage) => Ok(Json(usage).into_response()),
+        Err(e) => {
+            log::warn!("usage of key {}: {e}", key.id);
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the key store is unreachable"))
+        }
+    }
 }
 
 async fn ai_health(State(app): State<Arc<App>>) -> Json<serde_json::Value> {

@@ -2,6 +2,7 @@
 //! AI node. Both faces call it, the HTTP one (`api`) and the WebSocket one
 //! (`ws`), so neither reaches into the other.
 
+use crate::auth::{self, Caller};
 use crate::limits::Limited;
 use crate::nodes::{Accepted, DispatchError, NodeChat};
 use crate::App;
@@ -40,8 +41,16 @@ pub struct ChatBody {
     pub user_id: Option<String>,
 }
 
-/// Validates, rate-limits and dispatches one chat; the request id is fixed here.
-pub async fn start_chat(app: &App, ip: IpAddr, body: ChatBody, request_id: String) -> Result<Accepted, ApiError> {
+/// Validates, rate-limits and dispatches one chat; the request id is fixed
+/// here. With keys on, the session must be the caller's (claimed on first
+/// use) and the key's limits must admit the request.
+pub async fn start_chat(
+    app: &App,
+    caller: &Caller,
+    ip: IpAddr,
+    body: ChatBody,
+    request_id: String,
+) -> Result<Accepted, ApiError> {
     let result = async {
         chat_wire::validate_id("session_id", &body.session_id).map_err(ApiError::invalid)?;
         chat_wire::validate_message(&body.message).map_err(ApiError::invalid)?;
@@ -52,14 +61,22 @@ pub async fn start_chat(app: &App, ip: IpAddr, body: ChatBody, request_id: Strin
             return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "this backend is shutting down"));
         }
         app.limits.admit_chat(&body.session_id, ip).map_err(limited)?;
+        auth::own_session(app, caller, &body.session_id).await?;
+        auth::admit(app, caller, &request_id).await?;
         let chat = NodeChat {
-            request_id: Some(request_id),
+            request_id: Some(request_id.clone()),
             session_id: body.session_id,
             message: body.message,
             user_id: body.user_id,
             takeover: None,
         };
-        Ok(app.pool.dispatch(&chat).await?)
+        match app.pool.dispatch(&chat).await {
+            Ok(accepted) => Ok(accepted),
+            Err(e) => {
+                auth::unadmit(app, caller, &request_id).await;
+                Err(e.into())
+            }
+        }
     }
     .await;
     let outcome = match &result {

@@ -30,6 +30,24 @@ pub struct FileConfig {
     pub limits: LimitsFile,
     #[serde(default)]
     pub openai: OpenAiFile,
+    #[serde(default)]
+    pub auth: AuthFile,
+}
+
+/// `[auth]`: API keys (see `keys.rs`). Off by default.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFile {
+    /// Require a key on `/api/*`, `/v1/*` and `/ws/chat`.
+    #[serde(default = "d_false")]
+    pub enabled: Spanned<bool>,
+    /// A TOML file of `[[key]]` tables (id, sha256, limits); keys may also
+    /// live in Redis (`chat:apikey:<sha256>`).
+    #[serde(default)]
+    pub keys_file: Option<Spanned<String>>,
+    /// How long a key looked up in Redis is trusted (revocations take this long).
+    #[serde(default = "d_5s")]
+    pub cache: Spanned<String>,
 }
 
 /// `[openai]`: the OpenAI-compatible face (`/v1/...`).
@@ -97,6 +115,9 @@ pub struct AiFile {
     pub dispatch_deadline: Spanned<String>,
     #[serde(default)]
     pub dispatch_deadline_ms: Old,
+    /// Shared secret the AI nodes require (`X-Node-Secret`); also `AI_NODE_SECRET`.
+    #[serde(default = "d_empty")]
+    pub node_secret: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -166,6 +187,8 @@ defaults! {
     d_queue -> usize = 256;
     d_max_sockets -> usize = 20_000;
     d_10m -> String = "10m".into();
+    d_false -> bool = false;
+    d_empty -> String = String::new();
     d_models -> Vec<Spanned<String>> = vec![unspanned("chat".into())];
     d_ai_urls -> Vec<Spanned<String>> = vec![unspanned("http://127.0.0.1:8000".into())];
 }
@@ -174,7 +197,15 @@ fn d_trusted() -> Vec<Spanned<String>> {
     ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"].map(|c| unspanned(c.into())).to_vec()
 }
 
-default_sections!(ServerFile, AiFile, StreamFile, LimitsFile, OpenAiFile);
+default_sections!(ServerFile, AiFile, StreamFile, LimitsFile, OpenAiFile, AuthFile);
+
+/// API keys as configured.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// The keys of the file, by SHA-256 (`None`: revoked).
+    pub file_keys: std::collections::HashMap<String, Option<crate::keys::Key>>,
+    pub cache: Duration,
+}
 
 /// One AI node as configured: the URL operators wrote, and what to connect to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,6 +221,10 @@ pub struct Config {
     pub listen_addr: SocketAddr,
     /// Sent as `X-Backend-Id` on every answer.
     pub backend_id: String,
+    /// API keys, when `auth.enabled`: the keys file read, and the lookup cache time.
+    pub auth: Option<AuthConfig>,
+    /// Sent as `X-Node-Secret` to the AI nodes (`AI_NODE_SECRET`), when set.
+    pub node_secret: Option<String>,
     /// Internal listener for `/metrics`; `None` when disabled.
     pub metrics_listen_addr: Option<SocketAddr>,
     pub shutdown_grace: Duration,
@@ -233,8 +268,15 @@ pub struct Config {
     pub completion_timeout: Duration,
 }
 
-pub const ENV_OVERRIDES: &[&str] =
-    &["LISTEN_ADDR", "METRICS_LISTEN_ADDR", "REDIS_URL", "AI_SERVICE_URLS", "BACKEND_ID"];
+pub const ENV_OVERRIDES: &[&str] = &[
+    "LISTEN_ADDR",
+    "METRICS_LISTEN_ADDR",
+    "REDIS_URL",
+    "AI_SERVICE_URLS",
+    "BACKEND_ID",
+    "AI_NODE_SECRET",
+    "AUTH_ENABLED",
+];
 
 /// Reads `path` (or the defaults when `None`), lays the environment over it
 /// and checks the result; the error lists every problem, one a line.
@@ -250,6 +292,15 @@ pub fn load(path: Option<&Path>, env: Env<'_>) -> Result<Config, ConfigError> {
     }
     file.redis.override_from(&mut c, env);
     c.env_override(env, "BACKEND_ID", "server.backend_id", &mut file.server.backend_id);
+    c.env_override(env, "AI_NODE_SECRET", "ai.node_secret", &mut file.ai.node_secret);
+    let mut auth = unspanned(String::new());
+    if c.env_override(env, "AUTH_ENABLED", "auth.enabled", &mut auth) {
+        match auth.get_ref().as_str() {
+            "1" | "true" | "on" => file.auth.enabled = unspanned(true),
+            "0" | "false" | "off" => file.auth.enabled = unspanned(false),
+            other => c.problem("auth.enabled", &auth, format!("{other:?} is not one of true, false")),
+        }
+    }
     let mut urls = unspanned(String::new());
     if c.env_override(env, "AI_SERVICE_URLS", "ai.urls", &mut urls) {
         let list = urls.get_ref().split(',').map(str::trim).filter(|s| !s.is_empty());
@@ -331,9 +382,22 @@ fn check(f: FileConfig, mut c: Checker<'_>) -> Result<Config, ConfigError> {
     let ws_ping_interval = duration("limits.ws_ping_interval", &limits.ws_ping_interval, &limits.ws_ping_interval_ms);
     let ws_client_timeout =
         duration("limits.ws_client_timeout", &limits.ws_client_timeout, &limits.ws_client_timeout_ms);
+    let auth = f.auth.enabled.get_ref().then(|| {
+        let file_keys = match &f.auth.keys_file {
+            Some(path) => crate::keys::read_file(std::path::Path::new(path.get_ref())).unwrap_or_else(|e| {
+                c.problem("auth.keys_file", path, e);
+                Default::default()
+            }),
+            None => Default::default(),
+        };
+        AuthConfig { file_keys, cache: c.duration("auth.cache", &f.auth.cache) }
+    });
+    let node_secret = Some(ai.node_secret.get_ref().trim().to_owned()).filter(|s| !s.is_empty());
     let config = Config {
         listen_addr,
         backend_id: server.backend_id.get_ref().clone(),
+        auth,
+        node_secret,
         metrics_listen_addr,
         shutdown_grace,
         trusted_proxies,

@@ -6,10 +6,12 @@
 //! pub/sub (`hub`), exactly once and in order (`follow`).
 
 pub mod api;
+pub mod auth;
 pub mod chat;
 pub mod config;
 pub mod follow;
 pub mod hub;
+pub mod keys;
 pub mod limits;
 pub mod metrics;
 pub mod nodes;
@@ -49,6 +51,8 @@ pub struct App {
     pub hub: Arc<Hub>,
     pub ledger: Arc<Ledger>,
     pub takeovers: Arc<Takeovers>,
+    /// API keys, when `auth.enabled` (they need Redis: ownership and limits are shared).
+    pub keys: Option<keys::Keys>,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
     /// Set on shutdown: health answers 503, chats and new sockets are refused.
@@ -79,6 +83,21 @@ impl App {
             STREAM_TTL,
         )?);
         let takeovers = Takeovers::new(ledger.clone(), pool.clone(), metrics.clone());
+        let keys = match (&config.auth, backplane) {
+            (None, _) => {
+                log::warn!("API keys are off: anyone who can reach the proxy can chat and read any session");
+                None
+            }
+            (Some(auth), Backplane::Redis(url)) => {
+                let redis = chat_wire::redis_conn::RedisConn::new(
+                    url,
+                    config.redis_connect_timeout,
+                    config.redis_command_timeout,
+                )?;
+                Some(keys::Keys::new(auth.file_keys.clone(), redis, auth.cache))
+            }
+            (Some(_), _) => anyhow::bail!("API keys (auth.enabled) need Redis: ownership and limits are shared"),
+        };
         let limits = Limits::new(
             config.session_rate_per_sec,
             config.session_burst,
@@ -91,6 +110,7 @@ impl App {
             hub,
             ledger,
             takeovers,
+            keys,
             limits,
             metrics,
             draining: AtomicBool::new(false),

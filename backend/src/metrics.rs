@@ -28,6 +28,12 @@ pub struct Metrics {
     pub stalls: IntCounter,
     /// Mid-stream takeovers by outcome (`continued`, `failed`, `lost_race`, ...).
     pub takeovers: IntCounterVec,
+    /// Key checks by outcome (`ok`, `missing`, `invalid`, `unavailable`); keys on only.
+    pub auth: IntCounterVec,
+    /// Admissions of each API key's requests by outcome (`admitted`, or the limit hit).
+    pub key_requests: IntCounterVec,
+    /// Requests cancelled, by how (`client`, `abandoned`).
+    pub cancels: IntCounterVec,
 }
 
 impl Metrics {
@@ -66,8 +72,20 @@ impl Metrics {
         let takeovers =
             IntCounterVec::new(Opts::new("backend_takeovers_total", "Mid-stream takeovers by outcome"), &["outcome"])
                 .unwrap();
+        let auth =
+            IntCounterVec::new(Opts::new("backend_auth_total", "API key checks by outcome"), &["outcome"]).unwrap();
+        let key_requests = IntCounterVec::new(
+            Opts::new("backend_key_requests_total", "Requests of each API key by admission outcome"),
+            &["key", "outcome"],
+        )
+        .unwrap();
+        let cancels =
+            IntCounterVec::new(Opts::new("backend_cancels_total", "Requests cancelled, by how"), &["how"]).unwrap();
         for c in [
-            Box::new(chats.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(auth.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(key_requests.clone()),
+            Box::new(cancels.clone()),
+            Box::new(chats.clone()),
             Box::new(dispatch.clone()),
             Box::new(retries.clone()),
             Box::new(node_healthy.clone()),
@@ -98,6 +116,9 @@ impl Metrics {
             slow_consumers,
             stalls,
             takeovers,
+            auth,
+            key_requests,
+            cancels,
         }
     }
 

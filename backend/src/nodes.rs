@@ -128,7 +128,14 @@ impl AiPool {
         lb.parallel_health_check = true;
         lb.update().await?;
         lb.backends().run_health_check(true).await;
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(secret) = &config.node_secret {
+            let mut value = reqwest::header::HeaderValue::from_str(secret)?;
+            value.set_sensitive(true);
+            headers.insert(chat_wire::node_api::SECRET_HEADER, value);
+        }
         let http = reqwest::Client::builder()
+            .default_headers(headers)
             .connect_timeout(config.request_timeout)
             .pool_idle_timeout(Duration::from_secs(30))
             .build()?;

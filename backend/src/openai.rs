@@ -16,6 +16,7 @@
 //! on any backend.
 
 use crate::api::{last_event_id, open_resume};
+use crate::auth::Caller;
 use crate::chat::{start_chat, ApiError, ChatBody};
 use crate::follow::Out;
 use crate::reader::{follow_one, Item, Reader};
@@ -26,7 +27,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use chat_wire::{Event, EventKind, Usage};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -201,6 +202,7 @@ fn request_id_of(completion_id: &str) -> &str {
 
 async fn completions(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     payload: Result<Json<CompletionRequest>, JsonRejection>,
@@ -234,7 +236,7 @@ async fn completions(
     let mut reader = Reader::attach_for(&app, &session_id, &request_id).await;
     reader.follower.expect(&request_id);
     let body = ChatBody { session_id: session_id.clone(), message, user_id: None };
-    let accepted = start_chat(&app, ip, body, request_id.clone()).await?;
+    let accepted = start_chat(&app, &caller, ip, body, request_id.clone()).await?;
     log::info!("request_id={request_id} session_id={session_id} node={} v1 stream={}", accepted.node_url, req.stream);
     let first = reader.follower.start(&request_id).await;
     let completion = Completion::new(&request_id, req.model);
@@ -263,6 +265,7 @@ struct ResumeParams {
 /// after `Last-Event-ID` (or `?after_seq=`), as OpenAI chunks, from any backend.
 async fn resume(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     axum::extract::Query(params): axum::extract::Query<ResumeParams>,
     headers: HeaderMap,
@@ -271,7 +274,7 @@ async fn resume(
     let after_seq = last_event_id(&headers)?.or(params.after_seq).unwrap_or(0);
     let model = params.model.unwrap_or_else(|| app.config.openai_models[0].clone());
     let completion = Completion::new(&request_id, model);
-    Ok(match open_resume(&app, &request_id, after_seq).await? {
+    Ok(match open_resume(&app, &caller, &request_id, after_seq).await? {
         Some((reader, first)) => {
             stream(app, reader, request_id, first, completion, params.include_usage, after_seq == 0).into_response()
         }

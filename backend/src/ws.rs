@@ -6,8 +6,10 @@
 //! Dispatches run in their own tasks so a slow AI node never blocks the
 //! stream of another request on the same socket.
 
+use crate::auth::{self, Caller};
 use crate::chat::{start_chat, ApiError, ChatBody};
 use crate::follow::{Out, ResumeError};
+use crate::keys::AuthError;
 use crate::limits::{quota, SOCKET_RESUMES_PER_SEC, SOCKET_RESUME_BURST};
 use crate::nodes::Accepted;
 use crate::reader::{Reader, TooSlow};
@@ -38,6 +40,10 @@ pub mod close {
     pub const TOO_BIG: u16 = 1009;
     /// The client read slower than its queue allows; it may reconnect and resume.
     pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// Keys are on and the socket presented none that is valid.
+    pub const UNAUTHORIZED: u16 = 4401;
+    /// The session is another key's (told as if it did not exist).
+    pub const UNKNOWN_SESSION: u16 = 4404;
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +90,24 @@ pub async fn upgrade(
             .into_response();
     }
     let ip = app.limits.client_ip(peer, &headers);
+    // A browser cannot send headers on a WebSocket: it offers `chat` and
+    // `bearer.<key>` as subprotocols, and `chat` is the one chosen.
+    let ws = ws.protocols(["chat"]);
+    // Refusals come as close codes after the upgrade: a browser sees those,
+    // never the status of a refused upgrade.
+    let refusal = match auth::caller(&app, &headers).await {
+        Err(AuthError::Unavailable) => Err((close::TRY_AGAIN_LATER, "the key store is unreachable; try again")),
+        Err(e) => Err((close::UNAUTHORIZED, e.message())),
+        Ok(caller) => match auth::own_session(&app, &caller, &session_id).await {
+            Ok(()) => Ok(caller),
+            Err(e) if e.status == StatusCode::NOT_FOUND => Err((close::UNKNOWN_SESSION, "no such session")),
+            Err(_) => Err((close::TRY_AGAIN_LATER, "the key store is unreachable; try again")),
+        },
+    };
+    let caller = match refusal {
+        Ok(caller) => caller,
+        Err((code, reason)) => return ws.on_upgrade(move |socket| refuse(socket, code, reason)),
+    };
     // The transport accepts up to 4x the limit so an oversized frame is read
     // whole and answered with a clean 1009 (the limit itself is checked on
     // each message); past 4x the transport errors out and the socket is closed.
@@ -91,7 +115,7 @@ pub async fn upgrade(
     ws.max_message_size(hard_cap).max_frame_size(hard_cap).read_buffer_size(WS_READ_BUFFER).on_upgrade(
         move |socket| async move {
             let tracker = app.sockets.clone();
-            tracker.track_future(serve(app, socket, session_id, ip)).await
+            tracker.track_future(serve(app, socket, session_id, caller, ip)).await
         },
     )
 }
@@ -110,7 +134,14 @@ impl Drop for Active {
     }
 }
 
-async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr) {
+/// Closes a socket refused at the door with `code`.
+async fn refuse(mut socket: WebSocket, code: u16, reason: &'static str) {
+    let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
+    let _ = tokio::time::timeout(CLOSE_LINGER, socket.send(Message::Close(Some(frame)))).await;
+    let _ = tokio::time::timeout(CLOSE_LINGER, socket.next()).await;
+}
+
+async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, caller: Caller, ip: IpAddr) {
     app.metrics.ws_active.inc();
     let _active = Active(app.clone());
     let (mut tx, mut rx) = socket.split();
@@ -155,9 +186,9 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr)
                                 reader.follower.expect(&request_id);
                                 dispatching += 1;
                                 let body = ChatBody { session_id: session_id.clone(), message, user_id };
-                                let (app, done_tx) = (app.clone(), done_tx.clone());
+                                let (app, done_tx, caller) = (app.clone(), done_tx.clone(), caller.clone());
                                 tokio::spawn(async move {
-                                    let result = start_chat(&app, ip, body, request_id.clone()).await;
+                                    let result = start_chat(&app, &caller, ip, body, request_id.clone()).await;
                                     let _ = done_tx.send(Box::new((request_id, result))).await;
                                 });
                             }
@@ -171,6 +202,8 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, ip: IpAddr)
                             } else if socket_bucket.check().is_err() || !app.limits.admit_resume(&session_id) {
                                 app.metrics.resumes_limited.inc();
                                 out.push(error_frame(Some(&request_id), "rate_limited", "too many resume frames; slow down"));
+                            } else if !auth::owns_request(&app, &caller, &request_id).await {
+                                out.push(error_frame(Some(&request_id), "unknown_request", "no such request, or it expired"));
                             } else {
                                 match reader.follower.resume(&request_id, after_seq).await {
                                     Ok(replayed) => {

@@ -29,6 +29,36 @@ pub fn session_history(session_id: &str) -> String {
     format!("chat:session:{session_id}:history")
 }
 
+/// An API key's record, by the SHA-256 of the key: `id`, limits, `revoked`.
+pub fn api_key(sha256: &str) -> String {
+    format!("chat:apikey:{sha256}")
+}
+
+/// The id of the API key that owns a session (absent with keys off).
+pub fn session_owner(session_id: &str) -> String {
+    format!("chat:session:{session_id}:owner")
+}
+
+/// Usage totals of one API key: `requests`, `prompt_tokens`, `completion_tokens`.
+pub fn key_usage(key_id: &str) -> String {
+    format!("chat:key:{key_id}:usage")
+}
+
+/// Requests one API key started in one minute (unix minute).
+pub fn key_requests_in(key_id: &str, minute: u64) -> String {
+    format!("chat:key:{key_id}:rpm:{minute}")
+}
+
+/// Tokens one API key used in one minute (unix minute), added as requests end.
+pub fn key_tokens_in(key_id: &str, minute: u64) -> String {
+    format!("chat:key:{key_id}:tpm:{minute}")
+}
+
+/// Requests of one API key still running: a sorted set, scored by start time.
+pub fn key_running(key_id: &str) -> String {
+    format!("chat:key:{key_id}:running")
+}
+
 /// The session id of a channel made by `session_channel`.
 pub fn session_of_channel(channel: &str) -> Option<&str> {
     channel.strip_prefix("chat:session:")?.strip_suffix(":events")

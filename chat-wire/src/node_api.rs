@@ -4,6 +4,17 @@
 //! reads them, and one fuzz target covers both.
 
 use crate::ids::{validate_id, validate_message, InvalidInput};
+
+/// The header carrying the secret nodes share with backends, when one is
+/// configured: without it a node starts and takes over nothing.
+pub const SECRET_HEADER: &str = "x-node-secret";
+
+/// Whether `presented` is `secret`, compared in time independent of where
+/// they differ.
+pub fn secret_matches(secret: &str, presented: &[u8]) -> bool {
+    let secret = secret.as_bytes();
+    secret.len() == presented.len() && secret.iter().zip(presented).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
 use serde::{Deserialize, Serialize};
 
 /// `POST /chat` on an AI node. Unknown fields are ignored: callers may add some.
