@@ -118,7 +118,15 @@ async fn main() -> anyhow::Result<()> {
 
     let public = format!("http://127.0.0.1:{}", args.port);
     wait_healthy(&public, args.nodes, &mut proxy).await?;
-    print_table(&args, &redis_note, &node_urls, &backend_addrs, &metrics_addrs, &proxy_bin);
+    print_table(
+        &args,
+        &redis_note,
+        &node_urls,
+        &backend_addrs,
+        &metrics_addrs,
+        &proxy_bin,
+        backend_config.auth.is_some(),
+    );
 
     tokio::select! {
         _ = service_kit::http::shutdown_signal() => println!("\nstopping..."),
@@ -204,6 +212,7 @@ fn print_table(
     backends: &[std::net::SocketAddr],
     metrics: &[std::net::SocketAddr],
     proxy_bin: &Path,
+    keys_on: bool,
 ) {
     println!();
     println!("chat cluster is up");
@@ -223,6 +232,16 @@ fn print_table(
     for (i, n) in nodes.iter().enumerate() {
         println!("  ai-{}            {n}", i + 1);
     }
+    println!(
+        "  OpenAI API      http://localhost:{}/v1   (any OpenAI SDK: base_url=http://localhost:{}/v1)",
+        args.port, args.port
+    );
     println!("  events          {redis}");
+    if keys_on {
+        println!("  API keys        on ([auth] in conf/backend.toml; issue one: backend new-key --id NAME)");
+    } else {
+        println!("  API keys        off: anyone who reaches the port can chat and read any session");
+        println!("                  (on in docker-compose.yml; [auth] in conf/backend.toml)");
+    }
     println!("Ctrl-C stops everything.");
 }
