@@ -15,6 +15,10 @@ pub struct RequestRecord {
     /// The producing node's id (`takeover` between a fence and an adoption).
     pub node: String,
     pub epoch: u64,
+    /// The id of the API key that started it (`None` with keys off).
+    pub owner: Option<String>,
+    /// A cancel was asked; the request ends with a stored `cancelled` error.
+    pub cancelled: bool,
 }
 
 /// What `emit` did with an event.
@@ -25,6 +29,35 @@ pub enum Emitted {
     /// another node, the request already ended or was never claimed), or its
     /// `seq` does not follow the last stored one.
     Fenced,
+    /// Refused: the request was cancelled. Its producer stores its
+    /// `cancelled` end (a terminal event is still taken) and stops.
+    Cancelled,
+}
+
+/// The outcome of `renew`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// Still the producer; the lease runs on.
+    Held,
+    /// No longer the producer (a takeover fenced it, or the request ended).
+    Lost,
+    /// Still the producer, and the request was cancelled (asked for, or
+    /// abandoned: no reader touched it in time): store the end and stop.
+    Cancelled,
+}
+
+/// The outcome of `cancel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancel {
+    /// No such request (never claimed, or expired).
+    Unknown,
+    /// It had ended already; nothing changes.
+    Ended,
+    /// Marked cancelled; its producer is alive and stores the end.
+    Stopping,
+    /// Marked cancelled, and no producer holds a lease: whoever fences it
+    /// (`Fence::Cancelled`) stores the end.
+    Orphaned,
 }
 
 /// The outcome of `fence`.
@@ -38,6 +71,9 @@ pub enum Fence {
     ProducerAlive,
     /// The request has a stored `done` or `error`.
     Ended,
+    /// Fenced at this new epoch, but the request was cancelled: nobody
+    /// continues it; the fencer stores its `cancelled` end.
+    Cancelled(u64),
 }
 
 /// Stored events of a request from a cursor on, one page at a time.

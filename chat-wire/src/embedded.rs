@@ -4,7 +4,7 @@
 //! Redis layout. It only works when the AI nodes and the backends share one
 //! process (the `cluster` binary); Redis is the real thing.
 
-use crate::claims::{Fence, Page, RequestRecord, NO_PRODUCER};
+use crate::claims::{Cancel, Emitted, Fence, Page, Renewal, RequestRecord, NO_PRODUCER};
 use crate::Event;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -36,6 +36,8 @@ struct Claim {
     lease_until: Option<Instant>,
     last: u64,
     ended: Option<u64>,
+    /// When a reader last said it follows the request.
+    followed: Instant,
 }
 
 impl Claim {
@@ -67,10 +69,11 @@ impl EmbeddedBus {
             Some((held, expires)) if *expires > now => Some(held.record.node.clone()),
             _ => {
                 let claim = Claim {
-                    record: RequestRecord { epoch: 1, ..record.clone() },
+                    record: RequestRecord { epoch: 1, cancelled: false, ..record.clone() },
                     lease_until: Some(now + lease),
                     last: 0,
                     ended: None,
+                    followed: now,
                 };
                 inner.claims.insert(request_id.to_owned(), (claim, now + self.ttl));
                 None
@@ -90,7 +93,38 @@ impl EmbeddedBus {
                 claim.record.epoch += 1;
                 claim.record.node = NO_PRODUCER.into();
                 claim.lease_until = None;
-                Fence::Won(claim.record.epoch)
+                match claim.record.cancelled {
+                    true => Fence::Cancelled(claim.record.epoch),
+                    false => Fence::Won(claim.record.epoch),
+                }
+            }
+        }
+    }
+
+    /// Marks a request cancelled (see `Ledger::cancel`).
+    pub fn cancel(&self, request_id: &str) -> Cancel {
+        let mut inner = self.inner.lock().unwrap();
+        match inner.claims.get_mut(request_id) {
+            None => Cancel::Unknown,
+            Some((claim, _)) if claim.ended.is_some() => Cancel::Ended,
+            Some((claim, _)) => {
+                claim.record.cancelled = true;
+                if claim.lease_alive() {
+                    Cancel::Stopping
+                } else {
+                    Cancel::Orphaned
+                }
+            }
+        }
+    }
+
+    /// Notes that a reader follows these requests.
+    pub fn touch(&self, request_ids: &[String]) {
+        let mut inner = self.inner.lock().unwrap();
+        let now = Instant::now();
+        for id in request_ids {
+            if let Some((claim, _)) = inner.claims.get_mut(id) {
+                claim.followed = now;
             }
         }
     }
@@ -103,6 +137,7 @@ impl EmbeddedBus {
             Some((claim, _))
                 if claim.record.epoch == epoch
                     && claim.ended.is_none()
+                    && !claim.record.cancelled
                     && (claim.record.node == NO_PRODUCER || claim.record.node == node) =>
             {
                 claim.record.node = node.to_owned();
@@ -113,8 +148,8 @@ impl EmbeddedBus {
         }
     }
 
-    /// Renews the lease of `node` at `epoch`; false when it no longer produces the request.
-    pub fn renew(&self, request_id: &str, epoch: u64, node: &str, lease: Duration) -> bool {
+    /// Renews the lease of `node` at `epoch` (see `Ledger::renew`).
+    pub fn renew(&self, request_id: &str, epoch: u64, node: &str, lease: Duration, abandon_after: Duration) -> Renewal {
         let mut inner = self.inner.lock().unwrap();
         let ttl = self.ttl;
         let renewed = match inner.claims.get_mut(request_id) {
@@ -124,11 +159,17 @@ impl EmbeddedBus {
                 let now = Instant::now();
                 claim.lease_until = Some(now + lease);
                 *expires = now + ttl;
-                true
+                if !abandon_after.is_zero() && now.duration_since(claim.followed) > abandon_after {
+                    claim.record.cancelled = true;
+                }
+                match claim.record.cancelled {
+                    true => Renewal::Cancelled,
+                    false => Renewal::Held,
+                }
             }
-            _ => false,
+            _ => Renewal::Lost,
         };
-        if renewed {
+        if renewed != Renewal::Lost {
             if let Some((_, until)) = inner.logs.get_mut(request_id) {
                 *until = Instant::now() + ttl;
             }
@@ -142,9 +183,9 @@ impl EmbeddedBus {
     }
 
     /// Appends `event` to its request's log, then publishes it to the session's
-    /// readers; refused (false) unless its producer and epoch own the request
-    /// and its `seq` follows the last stored one.
-    pub fn emit(&self, session_id: &str, event: &Event) -> bool {
+    /// readers; refused unless its producer and epoch own the request and its
+    /// `seq` follows the last stored one (see `Ledger::emit`).
+    pub fn emit(&self, session_id: &str, event: &Event) -> Emitted {
         {
             let mut inner = self.inner.lock().unwrap();
             let expires = Instant::now() + self.ttl;
@@ -156,7 +197,16 @@ impl EmbeddedBus {
                         && event.seq == claim.last =>
                 {
                     // The producer's retry of what is stored already.
-                    return true;
+                    return Emitted::Published;
+                }
+                Some((claim, _))
+                    if Some(claim.record.epoch) == event.epoch
+                        && claim.record.node == producer
+                        && claim.ended.is_none()
+                        && claim.record.cancelled
+                        && !event.is_terminal() =>
+                {
+                    return Emitted::Cancelled;
                 }
                 Some((claim, until))
                     if Some(claim.record.epoch) == event.epoch
@@ -171,7 +221,7 @@ impl EmbeddedBus {
                     }
                     *until = expires;
                 }
-                _ => return false,
+                _ => return Emitted::Fenced,
             }
             let (log, until) = inner.logs.entry(event.request_id.clone()).or_insert_with(|| (VecDeque::new(), expires));
             log.push_back(event.clone());
@@ -186,7 +236,7 @@ impl EmbeddedBus {
         }
         // No receiver is not an error: nobody is listening to this session.
         let _ = self.live.send((session_id.to_owned(), Arc::new(event.clone())));
-        true
+        Emitted::Published
     }
 
     /// Up to `count` stored events with `seq > after_seq`, and where the request stands.
@@ -247,8 +297,20 @@ mod tests {
 
     const LEASE: Duration = Duration::from_millis(50);
 
+    fn emitted(bus: &EmbeddedBus, session: &str, e: &Event) -> bool {
+        bus.emit(session, e) == Emitted::Published
+    }
+
     fn record(node: &str) -> RequestRecord {
-        RequestRecord { session_id: "s".into(), message: "m".into(), user_id: None, node: node.into(), epoch: 0 }
+        RequestRecord {
+            session_id: "s".into(),
+            message: "m".into(),
+            user_id: None,
+            node: node.into(),
+            epoch: 0,
+            owner: None,
+            cancelled: false,
+        }
     }
 
     fn by(node: &str, epoch: u64, e: Event) -> Event {
@@ -261,7 +323,7 @@ mod tests {
         let mut live = bus.subscribe();
         assert_eq!(bus.claim("r", &record("ai-1"), LEASE), None);
         for seq in 1..=4 {
-            assert!(bus.emit("s", &by("ai-1", 1, Event::chunk("r", seq, "x"))));
+            assert!(emitted(&bus, "s", &by("ai-1", 1, Event::chunk("r", seq, "x"))));
         }
         let (session, first) = live.recv().await.unwrap();
         assert_eq!((session.as_str(), first.seq), ("s", 1));
@@ -276,25 +338,25 @@ mod tests {
         let bus = EmbeddedBus::new(10, Duration::from_secs(60));
         assert_eq!(bus.claim("r", &record("ai-1"), LEASE), None);
         assert_eq!(bus.claim("r", &record("ai-2"), LEASE), Some("ai-1".to_owned()));
-        assert!(bus.emit("s", &by("ai-1", 1, Event::chunk("r", 1, "a"))));
-        assert!(bus.emit("s", &by("ai-1", 1, Event::chunk("r", 1, "a"))), "a retry of the last is taken...");
+        assert!(emitted(&bus, "s", &by("ai-1", 1, Event::chunk("r", 1, "a"))));
+        assert!(emitted(&bus, "s", &by("ai-1", 1, Event::chunk("r", 1, "a"))), "a retry of the last is taken...");
         assert_eq!(bus.page("r", 0, 10).events.len(), 1, "...and not stored twice");
-        assert!(!bus.emit("s", &by("ai-2", 1, Event::chunk("r", 1, "a"))), "nor by another producer");
-        assert!(!bus.emit("s", &by("ai-1", 1, Event::chunk("r", 3, "a"))), "nor past a gap");
-        assert!(!bus.emit("s", &Event::chunk("r", 2, "a")), "an event without producer or epoch is refused");
+        assert!(!emitted(&bus, "s", &by("ai-2", 1, Event::chunk("r", 1, "a"))), "nor by another producer");
+        assert!(!emitted(&bus, "s", &by("ai-1", 1, Event::chunk("r", 3, "a"))), "nor past a gap");
+        assert!(!emitted(&bus, "s", &Event::chunk("r", 2, "a")), "an event without producer or epoch is refused");
         assert_eq!(bus.fence("r", 1), Fence::ProducerAlive);
         std::thread::sleep(LEASE * 2);
         assert_eq!(bus.fence("r", 1), Fence::Won(2));
         assert_eq!(bus.fence("r", 1), Fence::Moved(2), "only one takeover wins");
-        assert!(!bus.emit("s", &by("ai-1", 1, Event::chunk("r", 2, "b"))), "the old producer is fenced off");
-        assert!(!bus.renew("r", 1, "ai-1", LEASE), "and learns it when it renews");
+        assert!(!emitted(&bus, "s", &by("ai-1", 1, Event::chunk("r", 2, "b"))), "the old producer is fenced off");
+        assert!(!(bus.renew("r", 1, "ai-1", LEASE, Duration::ZERO) == Renewal::Held), "and learns it when it renews");
         assert!(bus.adopt("r", 2, "ai-2", LEASE));
         assert!(!bus.adopt("r", 2, "ai-3", LEASE), "one node adopts an epoch");
-        assert!(!bus.emit("s", &by("ai-3", 2, Event::chunk("r", 2, "b"))));
-        assert!(bus.emit("s", &by("ai-2", 2, Event::done("r", 2, "stop"))));
+        assert!(!emitted(&bus, "s", &by("ai-3", 2, Event::chunk("r", 2, "b"))));
+        assert!(emitted(&bus, "s", &by("ai-2", 2, Event::done("r", 2, "stop"))));
         assert_eq!(bus.record("r").unwrap().node, "ai-2");
         assert_eq!(bus.page("r", 0, 10).ended, Some(2));
         assert_eq!(bus.fence("r", 2), Fence::Ended);
-        assert!(!bus.emit("s", &by("ai-2", 2, Event::chunk("r", 3, "late"))), "nothing is stored after the end");
+        assert!(!emitted(&bus, "s", &by("ai-2", 2, Event::chunk("r", 3, "late"))), "nothing is stored after the end");
     }
 }

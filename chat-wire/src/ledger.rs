@@ -16,31 +16,51 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use crate::claims::{Emitted, Fence, Page, RequestRecord, DEFAULT_MAX_LEN, DEFAULT_TTL, NO_PRODUCER, PAGE};
+pub use crate::claims::{
+    Cancel, Emitted, Fence, Page, Renewal, RequestRecord, DEFAULT_MAX_LEN, DEFAULT_TTL, NO_PRODUCER, PAGE,
+};
 
 const CLAIM: &str = r"
 local holder = redis.call('HGET', KEYS[1], 'node')
 if holder then return holder end
-redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', 1, 'session', ARGV[2], 'message', ARGV[3], 'user', ARGV[4], 'last', 0)
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'epoch', 1, 'session', ARGV[2], 'message', ARGV[3], 'user', ARGV[4], 'last', 0, 'owner', ARGV[7], 'followed', redis.call('TIME')[1])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[6])
 return false
 ";
 
 const FENCE: &str = r"
-local c = redis.call('HMGET', KEYS[1], 'epoch', 'ended')
+local c = redis.call('HMGET', KEYS[1], 'epoch', 'ended', 'cancelled')
 if not c[1] then return {0, 0} end
 local epoch = tonumber(c[1])
 if c[2] then return {3, epoch} end
 if epoch ~= tonumber(ARGV[1]) then return {0, epoch} end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {2, epoch} end
 redis.call('HSET', KEYS[1], 'epoch', epoch + 1, 'node', 'takeover')
+if c[3] then return {4, epoch + 1} end
 return {1, epoch + 1}
 ";
 
+const CANCEL: &str = r"
+local c = redis.call('HMGET', KEYS[1], 'epoch', 'ended')
+if not c[1] then return 0 end
+if c[2] then return 1 end
+redis.call('HSET', KEYS[1], 'cancelled', 1)
+if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
+return 3
+";
+
+const TOUCH: &str = r"
+local now = redis.call('TIME')[1]
+for _, k in ipairs(KEYS) do
+  if redis.call('EXISTS', k) == 1 then redis.call('HSET', k, 'followed', now) end
+end
+return 1
+";
+
 const ADOPT: &str = r"
-local c = redis.call('HMGET', KEYS[1], 'epoch', 'node', 'ended')
-if not c[1] or c[3] or tonumber(c[1]) ~= tonumber(ARGV[1]) then return 0 end
+local c = redis.call('HMGET', KEYS[1], 'epoch', 'node', 'ended', 'cancelled')
+if not c[1] or c[3] or c[4] or tonumber(c[1]) ~= tonumber(ARGV[1]) then return 0 end
 if c[2] ~= 'takeover' and c[2] ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'node', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
@@ -48,27 +68,47 @@ return 1
 ";
 
 const RENEW: &str = r"
-local c = redis.call('HMGET', KEYS[1], 'epoch', 'node', 'ended')
+local c = redis.call('HMGET', KEYS[1], 'epoch', 'node', 'ended', 'cancelled', 'followed')
 if not c[1] or c[3] or tonumber(c[1]) ~= tonumber(ARGV[1]) or c[2] ~= ARGV[2] then return 0 end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
+if c[4] then return 2 end
+local abandon = tonumber(ARGV[5])
+if abandon > 0 and c[5] and tonumber(redis.call('TIME')[1]) - tonumber(c[5]) > abandon then
+  redis.call('HSET', KEYS[1], 'cancelled', 'abandoned')
+  return 2
+end
 return 1
 ";
 
 const EMIT: &str = r"
-local c = redis.call('HMGET', KEYS[1], 'epoch', 'node', 'ended', 'last')
+local c = redis.call('HMGET', KEYS[1], 'epoch', 'node', 'ended', 'last', 'cancelled', 'owner')
 if not c[1] or tonumber(c[1]) ~= tonumber(ARGV[1]) or c[2] ~= ARGV[7] then return 0 end
 local last = tonumber(c[4] or '0')
 if tonumber(ARGV[2]) == last then return 1 end
 if c[3] then return 0 end
 if tonumber(ARGV[2]) ~= last + 1 then return 2 end
+if c[5] and ARGV[8] ~= '1' then return 3 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], ARGV[2] .. '-0', 'seq', ARGV[2], 'event', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('HSET', KEYS[1], 'last', ARGV[2])
 if ARGV[8] == '1' then
   redis.call('HSET', KEYS[1], 'ended', ARGV[2])
   redis.call('DEL', KEYS[3])
+  -- The key that started the request is charged its tokens, and the
+  -- request stops counting among its running ones (names: keys.rs).
+  if c[6] and c[6] ~= '' then
+    local base = 'chat:key:' .. c[6]
+    local p, q = tonumber(ARGV[9]), tonumber(ARGV[10])
+    redis.call('HINCRBY', base .. ':usage', 'requests', 1)
+    redis.call('HINCRBY', base .. ':usage', 'prompt_tokens', p)
+    redis.call('HINCRBY', base .. ':usage', 'completion_tokens', q)
+    local tpm = base .. ':tpm:' .. math.floor(tonumber(redis.call('TIME')[1]) / 60)
+    redis.call('INCRBY', tpm, p + q)
+    redis.call('EXPIRE', tpm, 120)
+    redis.call('ZREM', base .. ':running', ARGV[11])
+  end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('PUBLISH', ARGV[4], ARGV[3])
@@ -144,6 +184,7 @@ impl Ledger {
                     record.user_id.clone().unwrap_or_default(),
                     ttl.as_secs().to_string(),
                     millis(lease),
+                    record.owner.clone().unwrap_or_default(),
                 ];
                 let keys = [keys::request_claim(request_id), keys::request_lease(request_id)];
                 Self::script(conn, CLAIM, &keys, args).await
@@ -163,6 +204,7 @@ impl Ledger {
                     1 => Fence::Won(epoch),
                     2 => Fence::ProducerAlive,
                     3 => Fence::Ended,
+                    4 => Fence::Cancelled(epoch),
                     _ => Fence::Moved(epoch),
                 })
             }
@@ -183,20 +225,74 @@ impl Ledger {
         }
     }
 
-    /// Renews the producer's lease (and the request's lifetime); false when
-    /// `node` at `epoch` no longer produces the request: it must stop.
-    pub async fn renew(&self, request_id: &str, epoch: u64, node: &str, lease: Duration) -> Result<bool, RedisError> {
+    /// Renews the producer's lease (and the request's lifetime). `Lost` when
+    /// `node` at `epoch` no longer produces the request: it must stop;
+    /// `Cancelled` when it must end the request as cancelled, which includes
+    /// an abandoned one: no reader touched it for `abandon_after` (zero: never).
+    pub async fn renew(
+        &self,
+        request_id: &str,
+        epoch: u64,
+        node: &str,
+        lease: Duration,
+        abandon_after: Duration,
+    ) -> Result<Renewal, RedisError> {
         match self {
-            Ledger::Embedded(bus) => Ok(bus.renew(request_id, epoch, node, lease)),
+            Ledger::Embedded(bus) => Ok(bus.renew(request_id, epoch, node, lease, abandon_after)),
             Ledger::Redis { conn, ttl, .. } => {
-                let args = vec![epoch.to_string(), node.to_owned(), millis(lease), ttl.as_secs().to_string()];
+                let args = vec![
+                    epoch.to_string(),
+                    node.to_owned(),
+                    millis(lease),
+                    ttl.as_secs().to_string(),
+                    abandon_after.as_secs().to_string(),
+                ];
                 let keys = [
                     keys::request_claim(request_id),
                     keys::request_lease(request_id),
                     keys::request_stream(request_id),
                 ];
                 let renewed: i64 = Self::script(conn, RENEW, &keys, args).await?;
-                Ok(renewed == 1)
+                Ok(match renewed {
+                    1 => Renewal::Held,
+                    2 => Renewal::Cancelled,
+                    _ => Renewal::Lost,
+                })
+            }
+        }
+    }
+
+    /// Asks that a request stop: marks it cancelled. Its producer (or, with
+    /// none alive, whoever fences it) stores an `error` with code `cancelled`.
+    pub async fn cancel(&self, request_id: &str) -> Result<Cancel, RedisError> {
+        match self {
+            Ledger::Embedded(bus) => Ok(bus.cancel(request_id)),
+            Ledger::Redis { conn, .. } => {
+                let keys = [keys::request_claim(request_id), keys::request_lease(request_id)];
+                let outcome: i64 = Self::script(conn, CANCEL, &keys, Vec::new()).await?;
+                Ok(match outcome {
+                    0 => Cancel::Unknown,
+                    1 => Cancel::Ended,
+                    2 => Cancel::Stopping,
+                    _ => Cancel::Orphaned,
+                })
+            }
+        }
+    }
+
+    /// Notes that a reader still follows these requests (see `renew`'s abandonment).
+    pub async fn touch(&self, request_ids: &[String]) -> Result<(), RedisError> {
+        if request_ids.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Ledger::Embedded(bus) => {
+                bus.touch(request_ids);
+                Ok(())
+            }
+            Ledger::Redis { conn, .. } => {
+                let keys: Vec<String> = request_ids.iter().map(|id| keys::request_claim(id)).collect();
+                Self::script::<i64>(conn, TOUCH, &keys, Vec::new()).await.map(|_| ())
             }
         }
     }
@@ -219,16 +315,23 @@ impl Ledger {
                     ttl.as_secs().to_string(),
                     event.node.clone().unwrap_or_else(|| NO_PRODUCER.to_owned()),
                     if event.is_terminal() { "1" } else { "" }.to_owned(),
+                    event.usage.map_or(0, |u| u.prompt_tokens).to_string(),
+                    event.usage.map_or(0, |u| u.completion_tokens).to_string(),
+                    event.request_id.clone(),
                 ];
                 let keys = [
                     keys::request_claim(&event.request_id),
                     keys::request_stream(&event.request_id),
                     keys::request_lease(&event.request_id),
                 ];
-                Self::script::<i64>(conn, EMIT, &keys, args).await? == 1
+                match Self::script::<i64>(conn, EMIT, &keys, args).await? {
+                    1 => Emitted::Published,
+                    3 => Emitted::Cancelled,
+                    _ => Emitted::Fenced,
+                }
             }
         };
-        Ok(if published { Emitted::Published } else { Emitted::Fenced })
+        Ok(published)
     }
 
     /// The request's record; `None` when it was never claimed or has expired.
@@ -249,6 +352,8 @@ impl Ledger {
                     user_id: Some(get("user")).filter(|u| !u.is_empty()),
                     node: get("node"),
                     epoch: get("epoch").parse().unwrap_or(0),
+                    owner: Some(get("owner")).filter(|o| !o.is_empty()),
+                    cancelled: fields.contains_key("cancelled"),
                 }))
             }
         }

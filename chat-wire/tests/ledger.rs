@@ -2,7 +2,7 @@
 //! adoption and fenced emits behave as the embedded bus does.
 
 use chat_wire::embedded::Backplane;
-use chat_wire::ledger::{Emitted, Fence, Ledger, RequestRecord};
+use chat_wire::ledger::{Cancel, Emitted, Fence, Ledger, Renewal, RequestRecord};
 use chat_wire::Event;
 use std::time::Duration;
 
@@ -32,6 +32,8 @@ fn record(node: &str) -> RequestRecord {
         user_id: Some("u1".into()),
         node: node.into(),
         epoch: 1,
+        owner: None,
+        cancelled: false,
     }
 }
 
@@ -46,7 +48,7 @@ async fn a_takeover_waits_for_the_lease_fences_the_old_producer_off_and_one_node
     // Alive (renewing) but silent: no takeover.
     for _ in 0..3 {
         tokio::time::sleep(LEASE / 2).await;
-        assert!(ledger.renew(&id, 1, "ai-1", LEASE).await.unwrap());
+        assert_eq!(ledger.renew(&id, 1, "ai-1", LEASE, Duration::ZERO).await.unwrap(), Renewal::Held);
         assert_eq!(ledger.fence(&id, 1).await.unwrap(), Fence::ProducerAlive);
     }
     // Gone: the lease lapses and one backend wins the fence.
@@ -54,7 +56,11 @@ async fn a_takeover_waits_for_the_lease_fences_the_old_producer_off_and_one_node
     assert_eq!(ledger.fence(&id, 1).await.unwrap(), Fence::Won(2));
     assert_eq!(ledger.fence(&id, 1).await.unwrap(), Fence::Moved(2), "one backend wins the fence");
     assert_eq!(ledger.emit("s-ledger", &event(&id, 2, "ai-1", 1)).await.unwrap(), Emitted::Fenced, "old node fenced");
-    assert!(!ledger.renew(&id, 1, "ai-1", LEASE).await.unwrap(), "and it learns so when it renews");
+    assert_eq!(
+        ledger.renew(&id, 1, "ai-1", LEASE, Duration::ZERO).await.unwrap(),
+        Renewal::Lost,
+        "and it learns so when it renews"
+    );
     assert!(!ledger.adopt(&id, 3, "ai-3", LEASE).await.unwrap(), "no adoption at an epoch not fenced");
     assert!(ledger.adopt(&id, 2, "ai-2", LEASE).await.unwrap());
     assert!(ledger.adopt(&id, 2, "ai-2", LEASE).await.unwrap(), "a repeated adoption by the same node holds");
@@ -112,4 +118,51 @@ async fn a_long_stream_is_read_in_pages() {
     assert_eq!(first.last_seq, 600);
     let all = ledger.read(&id).await.unwrap().unwrap();
     assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=600).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_cancelled_request_takes_no_more_chunks_only_its_end_and_is_never_continued() {
+    let ledger = ledger();
+    let id = chat_wire::new_request_id();
+    assert_eq!(ledger.cancel(&id).await.unwrap(), Cancel::Unknown);
+    assert_eq!(ledger.claim(&id, &record("ai-1"), LEASE).await.unwrap(), None);
+    assert_eq!(ledger.emit("s", &event(&id, 1, "ai-1", 1)).await.unwrap(), Emitted::Published);
+    assert_eq!(ledger.cancel(&id).await.unwrap(), Cancel::Stopping, "the producer holds its lease");
+    assert!(ledger.record(&id).await.unwrap().unwrap().cancelled);
+    assert_eq!(ledger.emit("s", &event(&id, 2, "ai-1", 1)).await.unwrap(), Emitted::Cancelled, "no more chunks");
+    assert_eq!(ledger.renew(&id, 1, "ai-1", LEASE, Duration::ZERO).await.unwrap(), Renewal::Cancelled);
+    let mut end = Event::error(&id, 2, "cancelled", "cancelled by the client");
+    end.node = Some("ai-1".into());
+    end.epoch = Some(1);
+    assert_eq!(ledger.emit("s", &end).await.unwrap(), Emitted::Published, "its end is taken");
+    assert_eq!(ledger.cancel(&id).await.unwrap(), Cancel::Ended);
+
+    // With its producer gone, the fencer stores the end and nobody continues it.
+    let orphan = chat_wire::new_request_id();
+    ledger.claim(&orphan, &record("ai-1"), Duration::from_millis(100)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(ledger.cancel(&orphan).await.unwrap(), Cancel::Orphaned);
+    assert_eq!(ledger.fence(&orphan, 1).await.unwrap(), Fence::Cancelled(2));
+    assert!(!ledger.adopt(&orphan, 2, "ai-2", LEASE).await.unwrap(), "no node continues a cancelled request");
+    let mut end = Event::error(&orphan, 1, "cancelled", "cancelled by the client");
+    end.node = Some(chat_wire::ledger::NO_PRODUCER.into());
+    end.epoch = Some(2);
+    assert_eq!(ledger.emit("s", &end).await.unwrap(), Emitted::Published, "the fencer stores the end");
+}
+
+#[tokio::test]
+async fn a_request_no_reader_touches_is_abandoned_and_a_touched_one_is_not() {
+    let ledger = ledger();
+    let (left, kept) = (chat_wire::new_request_id(), chat_wire::new_request_id());
+    for id in [&left, &kept] {
+        ledger.claim(id, &record("ai-1"), LEASE).await.unwrap();
+    }
+    let abandon = Duration::from_secs(1);
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        ledger.touch(std::slice::from_ref(&kept)).await.unwrap();
+    }
+    assert_eq!(ledger.renew(&kept, 1, "ai-1", LEASE, abandon).await.unwrap(), Renewal::Held);
+    assert_eq!(ledger.renew(&left, 1, "ai-1", LEASE, abandon).await.unwrap(), Renewal::Cancelled);
+    assert!(ledger.record(&left).await.unwrap().unwrap().cancelled);
 }
