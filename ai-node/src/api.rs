@@ -119,6 +119,8 @@ async fn chat(
                 user_id: req.user_id,
                 node: node.config.node_id.clone(),
                 epoch: 1,
+                owner: req.owner,
+                cancelled: false,
             };
             match store.claim(&request_id, &record).await.map_err(unavailable)? {
                 Claim::Taken(holder) => (holder, true),

@@ -75,6 +75,9 @@ pub struct StreamFile {
     pub lease: Spanned<String>,
     #[serde(default)]
     pub lease_ms: Old,
+    /// A request no reader has followed for this long is cancelled; "0" never.
+    #[serde(default = "default_abandon_after")]
+    pub abandon_after: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,6 +154,7 @@ defaults! {
     default_stream_max_len -> usize = chat_wire::ledger::DEFAULT_MAX_LEN;
     default_stream_ttl -> String = format!("{}s", chat_wire::ledger::DEFAULT_TTL.as_secs());
     default_stream_lease -> String = "5s".into();
+    default_abandon_after -> String = "60s".into();
     default_history_max_turns -> usize = 20;
     default_history_ttl -> String = "24h".into();
     default_engine_kind -> String = "synthetic".into();
@@ -189,6 +193,8 @@ pub struct Config {
     /// The producer's lease on a request it generates, renewed every third of
     /// it; a backend takes a request over only once it lapsed.
     pub stream_lease: Duration,
+    /// A request whose readers all left this long ago is cancelled (zero: never).
+    pub stream_abandon_after: Duration,
     pub history_max_turns: usize,
     pub history_ttl: Duration,
     pub engine: EngineConfig,
@@ -281,6 +287,14 @@ fn check(f: FileConfig, mut c: Checker<'_>) -> Result<Config, ConfigError> {
         ms.of(&stream.lease_ms),
         Duration::from_millis(100)..=Duration::from_secs(60),
     );
+    let abandon = c.duration("stream.abandon_after", &stream.abandon_after);
+    if !abandon.is_zero() && abandon < Duration::from_secs(15) {
+        c.problem(
+            "stream.abandon_after",
+            &stream.abandon_after,
+            "must be 0 (never) or at least 15s (readers touch every 5s)",
+        );
+    }
     let history_ttl = c.duration_in("history.ttl", &f.history.ttl, secs.of(&f.history.ttl_secs), ANY);
 
     let s = &f.engine.synthetic;
@@ -335,6 +349,7 @@ fn check(f: FileConfig, mut c: Checker<'_>) -> Result<Config, ConfigError> {
         stream_max_len: c.at_least("stream.max_len", &stream.max_len, 16),
         stream_ttl,
         stream_lease,
+        stream_abandon_after: abandon,
         history_max_turns: *f.history.max_turns.get_ref(),
         history_ttl,
         engine,

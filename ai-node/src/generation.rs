@@ -4,7 +4,7 @@
 
 use crate::engine::{Engine, EngineError, Prompt};
 use crate::store::{Store, Turn};
-use chat_wire::ledger::Emitted;
+use chat_wire::ledger::{Emitted, Renewal};
 use chat_wire::{count_tokens, now_micros, Event, Usage};
 use futures::StreamExt;
 use std::sync::Arc;
@@ -50,20 +50,39 @@ pub enum Outcome {
     Unpublished,
     /// A takeover fenced this producer off: another node continues the answer.
     Fenced,
+    /// The request was cancelled (by a client, or abandoned): stored as an
+    /// `error` with code `cancelled`, the engine stopped.
+    Cancelled,
+}
+
+/// What became of one emitted event.
+enum Step {
+    Stored,
+    /// The request was cancelled: this chunk was not stored; end it.
+    Cancelled,
+    /// The answer must stop here, with this outcome.
+    Stop(Outcome),
+}
+
+/// The stored end of a cancelled request.
+fn cancelled(request_id: &str, seq: u64) -> Event {
+    Event::error(request_id, seq, "cancelled", "the request was cancelled")
 }
 
 impl Generator {
     /// Generates the answer to `job`; `cancel` ends it early with an `error` event (shutdown).
     pub async fn run(&self, job: Job, cancel: CancellationToken) -> Outcome {
         // The lease says this node is alive while the engine is silent; a
-        // renewal that is refused means another node took the answer over.
-        let fenced = CancellationToken::new();
+        // renewal that is refused means another node took the answer over,
+        // one that says cancelled means the answer must end now.
+        let (fenced, stop) = (CancellationToken::new(), CancellationToken::new());
         let _renewer = AbortOnDrop(tokio::spawn(renew_lease(
             self.store.clone(),
             job.request_id.clone(),
             job.epoch,
             self.node_id.clone(),
             fenced.clone(),
+            stop.clone(),
         )));
         let history = match self.store.history(&job.session_id).await {
             Ok(h) => h,
@@ -80,16 +99,21 @@ impl Generator {
         let mut answer = job.prefix.clone();
         let started = tokio::select! {
             _ = fenced.cancelled() => return Outcome::Fenced,
-            started = self.engine.generate(prompt) => started,
+            _ = stop.cancelled() => None,
+            started = self.engine.generate(prompt) => Some(started),
         };
         let ending = match started {
-            Err(e) => Event::error(&job.request_id, seq + 1, failure_code(&e), e.to_string()),
-            Ok(mut pieces) => {
+            None => cancelled(&job.request_id, seq + 1),
+            Some(Err(e)) => Event::error(&job.request_id, seq + 1, failure_code(&e), e.to_string()),
+            // Dropping `pieces` closes the engine's stream (the upstream
+            // request of the `openai` engine) wherever the answer ends.
+            Some(Ok(mut pieces)) => {
                 let idle = self.engine.idle_timeout();
                 loop {
                     let next = tokio::select! {
                         _ = cancel.cancelled() => break Event::error(&job.request_id, seq + 1, "node_shutdown", "the AI node shut down before the answer finished"),
                         _ = fenced.cancelled() => return Outcome::Fenced,
+                        _ = stop.cancelled() => break cancelled(&job.request_id, seq + 1),
                         next = tokio::time::timeout(idle, pieces.next()) => next,
                     };
                     match next {
@@ -110,12 +134,13 @@ impl Generator {
                             break Event::done(&job.request_id, seq + 1, "length");
                         }
                         Ok(Some(Ok(delta))) => {
-                            seq += 1;
                             if answer.len() < MAX_REMEMBERED_BYTES {
                                 answer.push_str(&delta);
                             }
-                            if let Some(stopped) = self.emit(&job, Event::chunk(&job.request_id, seq, delta)).await {
-                                return stopped;
+                            match self.emit(&job, Event::chunk(&job.request_id, seq + 1, delta)).await {
+                                Step::Stored => seq += 1,
+                                Step::Cancelled => break cancelled(&job.request_id, seq + 1),
+                                Step::Stop(outcome) => return outcome,
                             }
                         }
                     }
@@ -125,11 +150,12 @@ impl Generator {
         // Every chunk of the answer is one piece the engine produced, also
         // those of earlier producers (seq counts them all).
         let ending = ending.with_usage(Usage::new(prompt_tokens, seq));
-        let outcome = match &ending.code {
+        let outcome = match ending.code.as_deref() {
             None => Outcome::Done { chunks: seq },
-            Some(code) => Outcome::Failed { code: code.clone() },
+            Some("cancelled") => Outcome::Cancelled,
+            Some(code) => Outcome::Failed { code: code.to_owned() },
         };
-        if let Some(stopped) = self.emit(&job, ending).await {
+        if let Step::Stop(stopped) = self.emit(&job, ending).await {
             return stopped;
         }
         if let Outcome::Done { .. } = outcome {
@@ -144,22 +170,25 @@ impl Generator {
         outcome
     }
 
-    /// Stamps and emits one event, retrying briefly; `Some(outcome)` when the answer must stop
-    /// (Redis would not take it, or a takeover fenced this producer off).
-    async fn emit(&self, job: &Job, mut event: Event) -> Option<Outcome> {
+    /// Stamps and emits one event, retrying briefly; `Step::Stop` when the
+    /// answer must stop (Redis would not take it, or a takeover fenced this
+    /// producer off), `Step::Cancelled` when a chunk was refused because the
+    /// request was cancelled.
+    async fn emit(&self, job: &Job, mut event: Event) -> Step {
         event.node = Some(self.node_id.clone());
         event.epoch = Some(job.epoch);
         for attempt in 1..=EMIT_ATTEMPTS {
             event.ts_us = Some(now_micros());
             match self.store.emit(&job.session_id, &event).await {
-                Ok(Emitted::Published) => return None,
+                Ok(Emitted::Published) => return Step::Stored,
+                Ok(Emitted::Cancelled) => return Step::Cancelled,
                 Ok(Emitted::Fenced) => {
                     log::info!(
                         "request_id={} seq={} fenced off: another node took the request over",
                         job.request_id,
                         event.seq
                     );
-                    return Some(Outcome::Fenced);
+                    return Step::Stop(Outcome::Fenced);
                 }
                 Err(e) if attempt < EMIT_ATTEMPTS => {
                     log::warn!(
@@ -174,7 +203,7 @@ impl Generator {
                 }
             }
         }
-        Some(Outcome::Unpublished)
+        Step::Stop(Outcome::Unpublished)
     }
 }
 
@@ -188,17 +217,32 @@ impl Drop for AbortOnDrop {
 }
 
 /// Renews the lease every third of it until aborted; cancels `fenced` when a
-/// renewal is refused. A failed renewal (Redis unreachable) is retried: the
-/// lease may lapse meanwhile, and then the next emit learns of the takeover.
-async fn renew_lease(store: Arc<Store>, request_id: String, epoch: u64, node_id: String, fenced: CancellationToken) {
+/// renewal is refused, `stop` when the request was cancelled (renewing on,
+/// so the lease holds while the end is stored). A failed renewal (Redis
+/// unreachable) is retried: the lease may lapse meanwhile, and then the next
+/// emit learns of the takeover.
+async fn renew_lease(
+    store: Arc<Store>,
+    request_id: String,
+    epoch: u64,
+    node_id: String,
+    fenced: CancellationToken,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(store.lease() / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
         match store.renew(&request_id, epoch, &node_id).await {
-            Ok(true) => {}
-            Ok(false) => {
+            Ok(Renewal::Held) => {}
+            Ok(Renewal::Cancelled) => {
+                if !stop.is_cancelled() {
+                    log::info!("request_id={request_id} cancelled: stopping the engine");
+                }
+                stop.cancel();
+            }
+            Ok(Renewal::Lost) => {
                 log::info!(
                     "request_id={request_id} lease refused at epoch {epoch}: another node took the request over"
                 );

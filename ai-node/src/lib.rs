@@ -86,6 +86,7 @@ pub fn store_on(config: &Config, backplane: &Backplane) -> anyhow::Result<Arc<St
         stream_max_len: config.stream_max_len,
         stream_ttl: config.stream_ttl,
         lease: config.stream_lease,
+        abandon_after: config.stream_abandon_after,
         history_max_turns: config.history_max_turns,
         history_ttl: config.stream_ttl.max(config.history_ttl),
     };

@@ -3,7 +3,7 @@
 //! on Redis or on the embedded bus of the one-process cluster.
 
 use chat_wire::embedded::Backplane;
-use chat_wire::ledger::{Emitted, Ledger, RequestRecord};
+use chat_wire::ledger::{Emitted, Ledger, Renewal, RequestRecord};
 use chat_wire::Event;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -37,6 +37,8 @@ pub struct Retention {
     pub stream_ttl: Duration,
     /// The producer's lease on a request (see `chat_wire::ledger`).
     pub lease: Duration,
+    /// A request no reader followed for this long is cancelled (zero: never).
+    pub abandon_after: Duration,
     pub history_max_turns: usize,
     pub history_ttl: Duration,
 }
@@ -71,9 +73,10 @@ impl Store {
         self.ledger.adopt(request_id, epoch, node_id, self.retention.lease).await
     }
 
-    /// Renews this producer's lease; `Ok(false)` when it was fenced off.
-    pub async fn renew(&self, request_id: &str, epoch: u64, node_id: &str) -> Result<bool, StoreError> {
-        self.ledger.renew(request_id, epoch, node_id, self.retention.lease).await
+    /// Renews this producer's lease: `Lost` when it was fenced off,
+    /// `Cancelled` when it must end the request as cancelled.
+    pub async fn renew(&self, request_id: &str, epoch: u64, node_id: &str) -> Result<Renewal, StoreError> {
+        self.ledger.renew(request_id, epoch, node_id, self.retention.lease, self.retention.abandon_after).await
     }
 
     /// The lease, which the producer renews every third of.

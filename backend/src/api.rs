@@ -3,7 +3,7 @@
 //! shape. Every answer carries `X-Backend-Id`.
 
 use crate::auth::{self, Caller};
-use crate::chat::{start_chat, ChatBody};
+use crate::chat::{cancel_chat, start_chat, Cancelled, ChatBody};
 use crate::follow::{Out, ResumeError};
 use crate::reader::{follow_one, Item, Reader};
 use crate::{ws, App};
@@ -29,6 +29,7 @@ pub fn router(app: Arc<App>) -> Router {
     let guarded = Router::new()
         .route("/api/chat", post(chat))
         .route("/api/chat/{request_id}/events", get(resume_sse))
+        .route("/api/chat/{request_id}", axum::routing::delete(cancel))
         .route("/api/ai-health", get(ai_health))
         .route("/api/usage", get(usage))
         .merge(crate::openai::routes())
@@ -89,6 +90,22 @@ async fn chat(
         "status": "accepted",
     });
     Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
+}
+
+/// `DELETE /api/chat/{request_id}`: stops a running answer; every reader
+/// gets a stored `error` with code `cancelled`. `202 cancelling`, or `200
+/// ended` when it had ended already; `404` for an unknown id (or another
+/// key's).
+async fn cancel(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    axum::extract::Path(request_id): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    let (status, word) = match cancel_chat(&app, &caller, &request_id).await? {
+        Cancelled::Cancelling => (StatusCode::ACCEPTED, "cancelling"),
+        Cancelled::Ended => (StatusCode::OK, "ended"),
+    };
+    Ok((status, Json(json!({"request_id": request_id, "status": word}))).into_response())
 }
 
 #[derive(Debug, Deserialize)]

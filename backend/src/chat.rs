@@ -69,6 +69,7 @@ pub async fn start_chat(
             message: body.message,
             user_id: body.user_id,
             takeover: None,
+            owner: caller.0.as_ref().map(|k| k.id.clone()),
         };
         match app.pool.dispatch(&chat).await {
             Ok(accepted) => Ok(accepted),
@@ -85,4 +86,44 @@ pub async fn start_chat(
     };
     app.metrics.chats.with_label_values(&[outcome]).inc();
     result
+}
+
+/// What a cancel found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancelled {
+    /// Marked: its producer (or a fencing backend) stores the `cancelled` end.
+    Cancelling,
+    /// It had ended already.
+    Ended,
+}
+
+/// Cancels a running request of the caller's: its producer stops and every
+/// reader gets a stored `error` with code `cancelled`. Another key's request
+/// is unknown here (404).
+pub async fn cancel_chat(app: &App, caller: &Caller, request_id: &str) -> Result<Cancelled, ApiError> {
+    use chat_wire::ledger::Cancel;
+    chat_wire::validate_id("request_id", request_id).map_err(ApiError::invalid)?;
+    let unknown = || ApiError::new(StatusCode::NOT_FOUND, "unknown_request", "no such request, or it expired");
+    if !auth::owns_request(app, caller, request_id).await {
+        return Err(unknown());
+    }
+    let outcome = app.ledger.cancel(request_id).await.map_err(|e| {
+        log::warn!("request_id={request_id} cancel: {e}");
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the event store is unreachable")
+    })?;
+    match outcome {
+        Cancel::Unknown => Err(unknown()),
+        Cancel::Ended => Ok(Cancelled::Ended),
+        Cancel::Stopping => {
+            app.metrics.cancels.with_label_values(&["client"]).inc();
+            log::info!("request_id={request_id} cancel asked by key {}", caller.id());
+            Ok(Cancelled::Cancelling)
+        }
+        Cancel::Orphaned => {
+            // No producer holds a lease: fence it here and store the end.
+            app.metrics.cancels.with_label_values(&["client"]).inc();
+            app.takeovers.start(request_id);
+            Ok(Cancelled::Cancelling)
+        }
+    }
 }

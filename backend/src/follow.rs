@@ -91,7 +91,14 @@ pub struct Follower {
     /// Notices to send with the next output (a request parked past `MAX_FOLLOWED`).
     notices: Vec<Out>,
     stall_timeout: Duration,
+    /// When this reader last told the ledger which requests it follows.
+    last_touch: Instant,
 }
+
+/// How often a reader tells the ledger it still follows its requests; a
+/// request no reader touched for the node's `stream.abandon_after` (at least
+/// three times this) is cancelled: its client left.
+pub const TOUCH_EVERY: Duration = Duration::from_secs(5);
 
 impl Follower {
     pub fn new(ledger: Arc<Ledger>, takeovers: Arc<Takeovers>, stall_timeout: Duration) -> Follower {
@@ -108,6 +115,7 @@ impl Follower {
             only: None,
             notices: Vec::new(),
             stall_timeout,
+            last_touch: Instant::now(),
         }
     }
 
@@ -251,6 +259,13 @@ impl Follower {
     /// only if their producer's lease has lapsed.
     pub async fn check_stalls(&mut self) -> Vec<Out> {
         let now = Instant::now();
+        if now.duration_since(self.last_touch) >= TOUCH_EVERY && !self.tracks.is_empty() {
+            self.last_touch = now;
+            let followed: Vec<String> = self.tracks.keys().cloned().collect();
+            if let Err(e) = self.ledger.touch(&followed).await {
+                log::warn!("could not note {} followed requests: {e}", followed.len());
+            }
+        }
         let stalled: Vec<String> = self
             .tracks
             .iter()

@@ -55,8 +55,9 @@ impl Takeovers {
         // The fence comes first: it holds only once the producer's lease has
         // lapsed, and after it nothing of an older epoch can be stored, so
         // what is read next is final.
-        let epoch = match self.ledger.fence(request_id, record.epoch).await {
-            Ok(Fence::Won(epoch)) => epoch,
+        let (epoch, cancelled) = match self.ledger.fence(request_id, record.epoch).await {
+            Ok(Fence::Won(epoch)) => (epoch, false),
+            Ok(Fence::Cancelled(epoch)) => (epoch, true),
             Ok(Fence::ProducerAlive) => return "producer_alive",
             Ok(Fence::Ended) => return "already_ended",
             Ok(Fence::Moved(_)) => return "lost_race",
@@ -74,15 +75,15 @@ impl Takeovers {
             }
         };
         let after_seq = stored.last().map_or(0, |e| e.seq);
+        let end = End { request_id, session_id: &record.session_id, epoch, after_seq };
+        if cancelled {
+            // Cancelled with no producer alive: nobody continues it; its end is stored here.
+            self.end(end, "cancelled", "the request was cancelled".into()).await;
+            return "cancelled";
+        }
         if epoch > MAX_PRODUCERS {
-            self.fail(
-                request_id,
-                &record.session_id,
-                epoch,
-                after_seq,
-                format!("{MAX_PRODUCERS} AI nodes in turn stopped producing this answer"),
-            )
-            .await;
+            let why = format!("{MAX_PRODUCERS} AI nodes in turn stopped producing this answer");
+            self.end(end, "node_failed", why).await;
             return "gave_up";
         }
         let text: String =
@@ -97,6 +98,7 @@ impl Takeovers {
             message: record.message,
             user_id: record.user_id,
             takeover: Some(Takeover { epoch, after_seq, text }),
+            owner: None,
         };
         match self.pool.dispatch(&chat).await {
             Ok(accepted) => {
@@ -107,22 +109,37 @@ impl Takeovers {
             Err(e) => {
                 log::warn!("request_id={request_id} takeover failed: {e}");
                 let why = format!("the AI node stopped and no other could continue: {e}");
-                self.fail(request_id, &record.session_id, epoch, after_seq, why).await;
+                self.end(end, "node_failed", why).await;
                 "failed"
             }
         }
     }
 
-    /// Stores the `node_failed` end at the fenced epoch; refused (harmlessly)
-    /// if a node adopted the epoch after all.
-    async fn fail(&self, request_id: &str, session_id: &str, epoch: u64, after_seq: u64, why: String) {
-        let mut failed = Event::error(request_id, after_seq + 1, "node_failed", why);
-        failed.epoch = Some(epoch);
-        failed.ts_us = Some(chat_wire::now_micros());
-        match self.ledger.emit(session_id, &failed).await {
-            Ok(Emitted::Published) => self.metrics.stalls.inc(),
-            Ok(Emitted::Fenced) => log::info!("request_id={request_id} a node adopted epoch {epoch} after all"),
-            Err(e) => log::warn!("request_id={request_id} could not store node_failed: {e}"),
+    /// Stores the request's end (`node_failed`, `cancelled`) at the fenced
+    /// epoch, charging the chunks already stored; refused (harmlessly) if a
+    /// node adopted the epoch after all.
+    async fn end(&self, end: End<'_>, code: &str, why: String) {
+        let End { request_id, session_id, epoch, after_seq } = end;
+        let mut event = Event::error(request_id, after_seq + 1, code, why);
+        event.epoch = Some(epoch);
+        event.ts_us = Some(chat_wire::now_micros());
+        // Every stored event before the end is a chunk the engine produced.
+        let event = event.with_usage(chat_wire::Usage::new(0, after_seq));
+        match self.ledger.emit(session_id, &event).await {
+            Ok(Emitted::Published) if code == "node_failed" => self.metrics.stalls.inc(),
+            Ok(Emitted::Published) => {}
+            Ok(Emitted::Fenced | Emitted::Cancelled) => {
+                log::info!("request_id={request_id} a node adopted epoch {epoch} after all")
+            }
+            Err(e) => log::warn!("request_id={request_id} could not store {code}: {e}"),
         }
     }
+}
+
+/// Where a request ends: at which epoch, after which stored seq.
+struct End<'a> {
+    request_id: &'a str,
+    session_id: &'a str,
+    epoch: u64,
+    after_seq: u64,
 }

@@ -7,7 +7,7 @@
 //! stream of another request on the same socket.
 
 use crate::auth::{self, Caller};
-use crate::chat::{start_chat, ApiError, ChatBody};
+use crate::chat::{cancel_chat, start_chat, ApiError, ChatBody};
 use crate::follow::{Out, ResumeError};
 use crate::keys::AuthError;
 use crate::limits::{quota, SOCKET_RESUMES_PER_SEC, SOCKET_RESUME_BURST};
@@ -65,6 +65,8 @@ pub enum ClientFrame {
         #[serde(default)]
         after_seq: u64,
     },
+    /// Stops a running answer; its readers get a stored `cancelled` error.
+    Cancel { request_id: String },
 }
 
 /// Parses one client text frame (public for the fuzz targets in `fuzz/`).
@@ -177,7 +179,7 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, caller: Cal
                     Some(Ok(Message::Binary(b))) if b.len() > app.config.max_frame_bytes => break Some((close::TOO_BIG, "frame too large")),
                     Some(Ok(Message::Binary(_))) => out.push(invalid_frame("binary frames are not accepted; send JSON text")),
                     Some(Ok(Message::Text(text))) => match parse_client_frame(&text) {
-                        Err(e) => out.push(invalid_frame(&format!("not a chat or resume frame: {e}"))),
+                        Err(e) => out.push(invalid_frame(&format!("not a chat, resume or cancel frame: {e}"))),
                         Ok(ClientFrame::Chat { message, user_id }) => {
                             if dispatching >= MAX_DISPATCHING {
                                 out.push(error_frame(None, "rate_limited", "too many chats in flight on this socket"));
@@ -191,6 +193,12 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, caller: Cal
                                     let result = start_chat(&app, &caller, ip, body, request_id.clone()).await;
                                     let _ = done_tx.send(Box::new((request_id, result))).await;
                                 });
+                            }
+                        }
+                        Ok(ClientFrame::Cancel { request_id }) => {
+                            // The stored `cancelled` error reaches every reader, this one too.
+                            if let Err(e) = cancel_chat(&app, &caller, &request_id).await {
+                                out.push(error_frame(Some(&request_id), e.code, &e.message));
                             }
                         }
                         Ok(ClientFrame::Resume { request_id, after_seq }) => {

@@ -4,6 +4,7 @@
 //! reads them, and one fuzz target covers both.
 
 use crate::ids::{validate_id, validate_message, InvalidInput};
+use serde::{Deserialize, Serialize};
 
 /// The header carrying the secret nodes share with backends, when one is
 /// configured: without it a node starts and takes over nothing.
@@ -15,7 +16,6 @@ pub fn secret_matches(secret: &str, presented: &[u8]) -> bool {
     let secret = secret.as_bytes();
     secret.len() == presented.len() && secret.iter().zip(presented).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
-use serde::{Deserialize, Serialize};
 
 /// `POST /chat` on an AI node. Unknown fields are ignored: callers may add some.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,6 +30,9 @@ pub struct NodeChat {
     /// Set by a backend taking over a request whose producer stopped mid-stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub takeover: Option<Takeover>,
+    /// The API key id the request is charged to (keys on), kept on its claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// Continue a request after what was already streamed, as its producer at `epoch`.
@@ -69,6 +72,9 @@ impl NodeChat {
         if let Some(id) = &self.request_id {
             validate_id("request_id", id)?;
         }
+        if let Some(owner) = &self.owner {
+            validate_id("owner", owner)?;
+        }
         Ok(())
     }
 }
@@ -85,11 +91,14 @@ mod tests {
             user_id: None,
             request_id: Some("r-1".into()),
             takeover: Some(Takeover { epoch: 2, after_seq: 3, text: "Hel".into() }),
+            owner: Some("team-a".into()),
         };
         let json = serde_json::to_string(&chat).unwrap();
         assert!(!json.contains("user_id"), "absent fields are left out: {json}");
         assert_eq!(serde_json::from_str::<NodeChat>(&json).unwrap(), chat);
         assert_eq!(chat.validate(), Ok(()));
+        let bad = NodeChat { owner: Some("no spaces".into()), ..chat.clone() };
+        assert_eq!(bad.validate().unwrap_err().field, "owner");
         let bad = NodeChat { request_id: Some("r 1".into()), ..chat };
         assert_eq!(bad.validate().unwrap_err().field, "request_id");
     }

@@ -15,12 +15,12 @@ fuzz_target!(|data: &[u8]| {
                 let _ = chat_wire::validate_id("user_id", user);
             }
         }
-        Ok(ClientFrame::Resume { request_id, after_seq: _ }) => {
+        Ok(ClientFrame::Resume { request_id, after_seq: _ } | ClientFrame::Cancel { request_id }) => {
             let _ = chat_wire::validate_id("request_id", &request_id);
         }
         Err(e) => {
             // The socket answers with this text; building it must not panic.
-            let _ = format!("not a chat or resume frame: {e}");
+            let _ = format!("not a chat, resume or cancel frame: {e}");
         }
     }
 });
