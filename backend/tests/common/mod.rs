@@ -201,23 +201,30 @@ pub struct AiNode {
 
 impl AiNode {
     pub async fn start(redis_url: &str, pace: Pace) -> AiNode {
-        Self::start_with(redis_url, pace, false, None).await
+        Self::start_with(redis_url, pace, false, None, "").await
+    }
+
+    /// A node with more settings: `extra` is TOML lines added to its
+    /// `[server]` section, or `[stream]` lines after a `[stream]` marker line.
+    pub async fn start_configured(redis_url: &str, pace: Pace, extra: &str) -> AiNode {
+        Self::start_with(redis_url, pace, false, None, extra).await
     }
 
     /// A node whose streams keep `max_len` events (answers longer than the
     /// default 10,000).
     pub async fn start_keeping(redis_url: &str, pace: Pace, max_len: usize) -> AiNode {
-        Self::start_with(redis_url, pace, false, Some(max_len)).await
+        Self::start_with(redis_url, pace, false, Some(max_len), "").await
     }
 
     /// A node whose every piece ends with its id, so that two producers of
     /// one answer show in its text.
     pub async fn start_tagged(redis_url: &str, pace: Pace) -> AiNode {
-        Self::start_with(redis_url, pace, true, None).await
+        Self::start_with(redis_url, pace, true, None, "").await
     }
 
-    async fn start_with(redis_url: &str, pace: Pace, tagged: bool, max_len: Option<usize>) -> AiNode {
-        let max_len = max_len.map(|n| format!("max_len = {n}\n")).unwrap_or_default();
+    async fn start_with(redis_url: &str, pace: Pace, tagged: bool, max_len: Option<usize>, extra: &str) -> AiNode {
+        let (server_extra, stream_extra) = extra.split_once("[stream]\n").unwrap_or((extra, ""));
+        let max_len = max_len.map(|n| format!("max_len = {n}\n")).unwrap_or_default() + stream_extra;
         let node_id = unique("ai");
         let tag = if tagged { format!("tag = \"[{node_id}]\"\n") } else { String::new() };
         let dir = tempfile::tempdir().unwrap();
@@ -225,7 +232,7 @@ impl AiNode {
         std::fs::write(
             &config,
             format!(
-                "[server]\nshutdown_grace_ms = 500\n\n[stream]\nlease_ms = {NODE_LEASE_MS}\n{max_len}\n[engine]\nkind = \"synthetic\"\n\n[engine.synthetic]\n\
+                "[server]\nshutdown_grace_ms = 500\n{server_extra}\n[stream]\nlease_ms = {NODE_LEASE_MS}\n{max_len}\n[engine]\nkind = \"synthetic\"\n\n[engine.synthetic]\n\
                  first_token_ms = {}\ntokens_per_second = {:.1}\nanswer_tokens = {}\n{tag}",
                 pace.first_token_ms, pace.tokens_per_second, pace.answer_tokens
             ),
