@@ -214,6 +214,12 @@ impl AiPool {
                     self.metrics.dispatch.with_label_values(&[&url, "accepted"]).inc();
                     return Ok(Accepted { node_url: url, node_id });
                 }
+                // A node that refuses our secret is misconfigured, not the
+                // client's fault: try the next one.
+                Ok(Ok(resp)) if resp.status().as_u16() == 401 => {
+                    log::error!("{url} refused this backend's ai.node_secret (X-Node-Secret); check both configs");
+                    format!("{url} refused the node secret")
+                }
                 Ok(Ok(resp)) if resp.status().is_client_error() && resp.status().as_u16() != 429 => {
                     let status = resp.status().as_u16();
                     let message = resp.text().await.unwrap_or_default().chars().take(300).collect();

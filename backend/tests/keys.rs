@@ -220,3 +220,26 @@ async fn a_key_in_redis_works_until_it_is_revoked() {
     assert!(revoked, "a revoked key stops working within the cache time");
     let _: () = redis::cmd("DEL").arg(&record).query_async(&mut conn).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_node_with_a_secret_takes_work_only_from_a_backend_that_knows_it() {
+    let redis = redis_url();
+    let node = AiNode::start_configured(&redis, Pace::QUICK, "secret = \"s3cret-node\"\n").await;
+    let body = json!({"session_id": unique("s"), "message": "hi", "request_id": chat_wire::new_request_id()});
+    let direct = http().post(format!("{}/chat", node.url)).json(&body).send().await.unwrap();
+    assert_eq!(direct.status(), 401, "nothing but a backend starts work");
+    let wrong = http().post(format!("{}/chat", node.url)).header("x-node-secret", "guess").json(&body).send().await.unwrap();
+    assert_eq!(wrong.status(), 401);
+    assert_eq!(http().get(format!("{}/health", node.url)).send().await.unwrap().status(), 200, "health stays open");
+
+    let knowing = Backend::builder(&redis, &[&node]).set("ai", "node_secret", "\"s3cret-node\"").start().await;
+    knowing.wait_healthy_nodes(1).await;
+    let mut ws = Ws::connect(&knowing, &unique("s")).await;
+    let accepted = ws.chat("hello").await;
+    assert_complete(&ws.until_end(&accepted.request_id).await, 1);
+
+    let unknowing = Backend::start(&redis, &[&node]).await;
+    unknowing.wait_healthy_nodes(1).await;
+    let code = assert_error(unknowing.post_chat(&json!({"session_id": unique("s"), "message": "hi"})).await, 503).await;
+    assert_eq!(code, "no_node_available", "a refused secret is the backend's problem, told as no node");
+}
