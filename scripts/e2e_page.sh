@@ -173,6 +173,20 @@ for mode in plain drop; do
   [ "$failures" -eq "$before" ] && echo "   ok: ${#chunks[@]} chunks, $(grep -o 'data-backend="[^"]*"' <<<"$answer"), $(grep -o 'data-node="[^"]*"' <<<"$answer")"
 done
 
+# Stop: the page cancels its answer after the 3rd chunk; the stored end says cancelled.
+echo "== stop: the Stop button cancels the answer being written"
+page="$URL/?autotest=stop&session_id=e2e-page-stop-$RANDOM$RANDOM&message=stop%20me"
+title=$(browse "$page" "$OUT/stop.html" "$OUT/stop.png")
+dom="$OUT/stop.html"
+echo "   title: $title; DOM $dom; screenshot $OUT/stop.png"
+[ "$title" = "error:cancelled" ] || fail "title is '$title', want 'error:cancelled'"
+answer=$(grep -o '<div class="answer"[^>]*>' "$dom" | tail -n 1)
+[[ "$answer" == *'data-state="error"'* ]] || fail "the stopped answer is not ended: $answer"
+chunks_seen=$(sed -n 's/.*data-chunks="\([0-9]*\)".*/\1/p' <<<"$answer")
+[ "${chunks_seen:-0}" -ge 3 ] || fail "the answer stopped before its 3rd chunk: $answer"
+grep -q 'cancelled: ' "$dom" || fail "the answer does not say it was cancelled"
+grep -q '<button id="stop"[^>]*disabled' "$dom" || fail "Stop is still live after the answer ended"
+
 if [ "$failures" -gt 0 ]; then
   echo "== e2e page test: $failures check(s) failed; DOM and screenshots in $OUT" >&2
   exit 1
