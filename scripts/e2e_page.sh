@@ -47,7 +47,7 @@ if ! [ -x "$PYTHON" ] || ! "$PYTHON" -c 'import websocket' 2>/dev/null; then
 fi
 command -v curl >/dev/null || { echo "== installing curl"; apt_install curl; }
 
-if ! curl -fsS -m 5 "$URL/api/ai-health" >/dev/null; then
+if ! curl -fsS -m 5 ${E2E_API_KEY:+-H "Authorization: Bearer $E2E_API_KEY"} "$URL/api/ai-health" >/dev/null; then
   echo "!! nothing answers $URL/api/ai-health: start the cluster first (scripts/cluster.sh)" >&2
   exit 1
 fi
@@ -103,14 +103,21 @@ try:
         return call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
 
     call("Page.enable")
+    key = os.environ.get("E2E_LOCAL_KEY")
+    if key:
+        # What a user typed into the key field earlier, kept by this browser.
+        call("Page.addScriptToEvaluateOnNewDocument",
+             source=f"localStorage.setItem('chatproxy.api_key', {json.dumps(key)});")
     call("Page.navigate", url=url)
     deadline = time.time() + float(timeout)
     title = ""
     while time.time() < deadline:
         title = js("document.title") or ""
-        if title.startswith(("done:", "error:")):
+        if title.startswith(("done:", "error:")) or "autotest" not in url:
             break
         time.sleep(0.2)
+    if "autotest" not in url:
+        time.sleep(2)  # the page's first health poll and socket
     time.sleep(0.3)  # let the last frame paint for the screenshot
     with open(dom_file, "w") as f:
         f.write(js("document.documentElement.outerHTML"))
@@ -127,6 +134,21 @@ finally:
     shutil.rmtree(profile, ignore_errors=True)
 PY
 }
+
+# With E2E_API_KEY set, the server wants API keys: only the key checks run.
+if [ -n "${E2E_API_KEY:-}" ]; then
+  failures=0
+  echo "== keys: without a key the page asks for one"
+  title=$(browse "$URL/?session_id=e2e-nokey-$RANDOM" "$OUT/nokey.html" "$OUT/nokey.png")
+  grep -q '<div class="key" id="key-box">' "$OUT/nokey.html" || { echo "   FAIL: no key field shown" >&2; failures=1; }
+  grep -q 'id="key"[^>]*aria-invalid="true"' "$OUT/nokey.html" || { echo "   FAIL: the key field is not marked missing" >&2; failures=1; }
+  echo "== keys: with the key kept in the browser the answer streams"
+  title=$(E2E_LOCAL_KEY="$E2E_API_KEY" browse "$URL/?autotest=1&session_id=e2e-key-$RANDOM" "$OUT/key.html" "$OUT/key.png")
+  [[ "$title" == done:* ]] || { echo "   FAIL: title is '$title', want done:N" >&2; failures=1; }
+  [ "$failures" -eq 0 ] || { echo "== e2e key test failed; DOM and screenshots in $OUT" >&2; exit 1; }
+  echo "== e2e key test passed; DOM and screenshots in $OUT"
+  exit 0
+fi
 
 failures=0
 fail() {

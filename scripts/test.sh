@@ -23,20 +23,33 @@ cargo test --workspace --locked "$@" 2>&1 | tee "$results"
 echo "== fuzz: every target briefly (longer runs: scripts/fuzz.sh SECONDS)"
 scripts/fuzz.sh 10
 
+# Starts the one-command cluster (with extra flags) and sets $url to its page.
+start_cluster() {
+  target/debug/cluster --port 0 --status-port 0 --redis "$TEST_REDIS_URL" "$@" >"$log" 2>&1 &
+  cluster=$!
+  for _ in $(seq 600); do
+    grep -q "chat cluster is up" "$log" && break
+    kill -0 $cluster 2>/dev/null || { cat "$log"; echo "the cluster exited"; exit 1; }
+    sleep 0.1
+  done
+  url=$(sed -n 's|^  chat page *\(http://[^ ]*\)/$|\1|p' "$log")
+  [ -n "$url" ] || { cat "$log"; echo "the cluster did not come up"; exit 1; }
+}
+
 echo "== browser test: the chat page through the proxy, in headless Chromium"
-cargo build --locked -p cluster -p proxy
+cargo build --locked -p cluster -p proxy -p backend
 log=$(mktemp "${TMPDIR:-/tmp}/chat-cluster.XXXXXX.log")
-target/debug/cluster --port 0 --status-port 0 --redis "$TEST_REDIS_URL" >"$log" 2>&1 &
-cluster=$!
+cluster=
 trap 'kill $cluster 2>/dev/null || true; wait $cluster 2>/dev/null || true; stop_own_redis' EXIT
-for _ in $(seq 600); do
-  grep -q "chat cluster is up" "$log" && break
-  kill -0 $cluster 2>/dev/null || { cat "$log"; echo "the cluster exited"; exit 1; }
-  sleep 0.1
-done
-url=$(sed -n 's|^  chat page *\(http://[^ ]*\)/$|\1|p' "$log")
-[ -n "$url" ] || { cat "$log"; echo "the cluster did not come up"; exit 1; }
+start_cluster
 scripts/e2e_page.sh "$url"
+kill $cluster && wait $cluster 2>/dev/null || true
+
+echo "== browser test with API keys on: the page asks for a key, and streams with one"
+start_cluster --api-keys
+key=$(REDIS_URL="$TEST_REDIS_URL" target/debug/backend new-key --id e2e-page 2>/dev/null)
+E2E_API_KEY="$key" scripts/e2e_page.sh "$url"
+REDIS_URL="$TEST_REDIS_URL" target/debug/backend revoke-key "$key" >/dev/null
 
 # One closing line: the cargo tests' totals (the fuzz and page steps above
 # print their own; reaching this line means every step passed).

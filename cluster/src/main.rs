@@ -44,6 +44,9 @@ struct Args {
     /// The proxy binary; by default the `proxy` next to this one.
     #[arg(long)]
     proxy_bin: Option<PathBuf>,
+    /// Turn API keys on (they need Redis); issue one with `backend new-key --id NAME`.
+    #[arg(long)]
+    api_keys: bool,
 }
 
 #[tokio::main]
@@ -78,11 +81,16 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // Backends, internal, each with its own metrics listener.
-    let backend_config =
+    let mut backend_config =
         backend::config::load(Some(&args.conf.join("backend.toml")), &|_| None).map_err(anyhow::Error::msg)?;
+    if args.api_keys && backend_config.auth.is_none() {
+        let cache = Duration::from_secs(5);
+        backend_config.auth = Some(backend::config::AuthConfig { file_keys: Default::default(), cache });
+    }
     let mut backend_addrs = Vec::new();
     let mut metrics_addrs = Vec::new();
     let mut backend_tasks = Vec::new();
+    let mut apps = Vec::new();
     for i in 1..=args.backends {
         let mut config = backend_config.clone();
         config.backend_id = format!("backend-{i}");
@@ -95,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
         backend_addrs.push(listener.local_addr()?);
         metrics_addrs.push(metrics.local_addr()?);
         let app = backend::App::start_on(config, &backplane).await?;
+        apps.push(app.clone());
         backend_tasks.push(tokio::spawn(backend::run(listener, Some(metrics), app, stopped(&stop_rx))));
     }
 
@@ -117,7 +126,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot start the proxy at {}", proxy_bin.display()))?;
 
     let public = format!("http://127.0.0.1:{}", args.port);
-    wait_healthy(&public, args.nodes, &mut proxy).await?;
+    wait_healthy(&public, args.nodes, &apps, &mut proxy).await?;
     print_table(
         &args,
         &redis_note,
@@ -182,21 +191,27 @@ async fn redis_answers(url: &str) -> bool {
     matches!(tokio::time::timeout(Duration::from_secs(1), ping).await, Ok(Some(_)))
 }
 
-/// Waits until `/api/ai-health`, asked through the proxy, reports every node healthy.
-async fn wait_healthy(public: &str, nodes: usize, proxy: &mut tokio::process::Child) -> anyhow::Result<()> {
+/// Waits until the proxy passes `/health` to a backend and every backend
+/// sees every node healthy (`/api/ai-health` may need a key: asked in process).
+async fn wait_healthy(
+    public: &str,
+    nodes: usize,
+    apps: &[std::sync::Arc<backend::App>],
+    proxy: &mut tokio::process::Child,
+) -> anyhow::Result<()> {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    let url = format!("{public}/api/ai-health");
+    let url = format!("{public}/health");
     loop {
         if let Some(status) = proxy.try_wait()? {
             bail!("the proxy exited during start-up ({status}); is port {public} free?");
         }
-        if let Ok(res) = http.get(&url).send().await {
-            if let Ok(body) = res.json::<serde_json::Value>().await {
-                if body["healthy_nodes"].as_u64() == Some(nodes as u64) {
-                    return Ok(());
-                }
-            }
+        let proxied = http.get(&url).send().await.is_ok_and(|res| res.status().is_success());
+        let healthy = |app: &std::sync::Arc<backend::App>| {
+            app.pool.status().iter().filter(|n| n.status == "healthy").count() == nodes
+        };
+        if proxied && apps.iter().all(healthy) {
+            return Ok(());
         }
         if Instant::now() > deadline {
             bail!("the cluster did not become healthy within 30 s ({url})");
