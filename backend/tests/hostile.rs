@@ -13,6 +13,7 @@
 mod common;
 
 use common::*;
+use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -21,6 +22,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
 
 /// Upper bound on the whole test.
 const TEST_WAIT: Duration = Duration::from_secs(540);
@@ -598,6 +601,53 @@ fn proxy_http_cases(trap_port: u16) -> Vec<HttpCase> {
          Sec-WebSocket-Version: 13\r\n\r\n",
         Expect::Refused,
     ));
+    cases.extend(ai_gateway_cases());
+    cases
+}
+
+/// The OpenAI-compatible face and cancellation: malformed bodies, unknown
+/// models and ids each get OpenAI's (or the contract's) JSON error shape.
+fn ai_gateway_cases() -> Vec<HttpCase> {
+    let v1 = |name: &str, body: &[u8], status: u16| {
+        HttpCase::new(
+            format!("/v1: {name}"),
+            post("/v1/chat/completions", "application/json", body),
+            Expect::Json(status),
+        )
+    };
+    let user = |content: &str| json!([{"role": "user", "content": content}]);
+    let mut cases = vec![
+        v1("unknown model", json!({"model": "gpt-x", "messages": user("hi")}).to_string().as_bytes(), 404),
+        v1("no messages", br#"{"model": "chat", "messages": []}"#, 400),
+        v1("messages not a list", br#"{"model": "chat", "messages": "hi"}"#, 400),
+        v1("last message from the assistant", br#"{"model": "chat", "messages": [{"role": "assistant", "content": "x"}]}"#, 400),
+        v1("content of an image", br#"{"model": "chat", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#, 400),
+        v1("n = 5", json!({"model": "chat", "messages": user("hi"), "n": 5}).to_string().as_bytes(), 400),
+        v1("a session id with spaces in user", json!({"model": "chat", "messages": user("hi"), "user": "a b"}).to_string().as_bytes(), 400),
+        v1("stream not a boolean", json!({"model": "chat", "messages": user("hi"), "stream": "yes"}).to_string().as_bytes(), 400),
+        v1("truncated JSON", br#"{"model": "chat", "messages": [{"role": "#, 400),
+        v1(
+            "a message over the length limit",
+            json!({"model": "chat", "messages": user(&"x".repeat(chat_wire::MAX_MESSAGE_CHARS + 1))}).to_string().as_bytes(),
+            400,
+        ),
+        HttpCase::new("/v1: an endpoint we do not have", get("/v1/embeddings"), Expect::Json(404)),
+        HttpCase::new("/v1: resume of an unknown completion", get("/v1/chat/completions/chatcmpl-r-none/events"), Expect::Json(404)),
+        HttpCase::new(
+            "/v1: a Last-Event-ID that is not a seq",
+            format!("GET /v1/chat/completions/chatcmpl-r-none/events HTTP/1.1\r\nHost: hostile.test\r\nLast-Event-ID: -1\r\n\r\n"),
+            Expect::Json(400),
+        ),
+    ];
+    for (name, target, status) in
+        [("an unknown request", "/api/chat/r-nobody", 404), ("a bad id", "/api/chat/r%20x", 400)]
+    {
+        cases.push(HttpCase::new(
+            format!("cancel of {name}"),
+            format!("DELETE {target} HTTP/1.1\r\nHost: hostile.test\r\n\r\n"),
+            Expect::Json(status),
+        ));
+    }
     cases
 }
 
@@ -1343,4 +1393,112 @@ async fn probe(ws: &mut RawWs) -> Result<String, String> {
     } else {
         Err(format!("expected the probe's unknown_request, got {frame}"))
     }
+}
+
+/// With API keys on, through the proxy: every way of presenting no valid key
+/// gets 401 in the right shape, and another key can neither read, follow,
+/// resume nor cancel an answer, which still ends whole for its owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_keys_on_bad_keys_are_refused_and_nothing_crosses_keys() {
+    let redis = redis_url();
+    let node = AiNode::start(&redis, Pace::SLOW).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob, gone) = (unique("sk-alice"), unique("sk-bob"), unique("sk-gone"));
+    let keys = [("alice", &alice, ""), ("bob", &bob, ""), ("gone", &gone, "revoked = true")];
+    let mut text = String::new();
+    for (id, key, extra) in keys {
+        let _ = writeln!(text, "[[key]]\nid = \"{}\"\nsha256 = \"{}\"\n{extra}", unique(id), backend::keys::hash(key));
+    }
+    let file = dir.path().join("keys.toml");
+    std::fs::write(&file, text).unwrap();
+    let backend = Backend::builder(&redis, &[&node])
+        .set("auth", "enabled", true)
+        .set("auth", "keys_file", format!("{:?}", file.display().to_string()))
+        .start()
+        .await;
+    let proxy = EdgeProxy::start(&[&backend]).await;
+    let chat_body = |session: &str| json!({"session_id": session, "message": "a long answer"});
+
+    let long_key = format!("Bearer sk-{}", "x".repeat(8_000));
+    let wrong_keys: Vec<Option<String>> = vec![
+        None,
+        Some("Bearer".into()),
+        Some("Bearer ".into()),
+        Some("Basic YWxpY2U6cHc=".into()),
+        Some("Bearer sk-wrong".into()),
+        Some(format!("Bearer {gone}")),
+        Some(format!("Bearer {alice} extra")),
+        Some(long_key),
+    ];
+    for auth in &wrong_keys {
+        let mut req = http().post(proxy.url("/api/chat")).json(&chat_body(&unique("s")));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status().as_u16();
+        let body: Value = res.json().await.unwrap_or(Value::Null);
+        assert_eq!(status, 401, "{:?}: {body}", auth.as_deref().map(|a| &a[..a.len().min(30)]));
+        assert_eq!(body["error"]["code"], "invalid_api_key", "{body}");
+        let mut v1 = http().get(proxy.url("/v1/models"));
+        if let Some(a) = auth {
+            v1 = v1.header("authorization", a);
+        }
+        let body: Value = v1.send().await.unwrap().json().await.unwrap();
+        assert_eq!(body["error"]["type"], "authentication_error", "OpenAI's shape under /v1: {body}");
+    }
+
+    // Alice's slow answer; Bob tries everything on it.
+    let session = unique("s-alice");
+    let res = http().post(proxy.url("/api/chat")).bearer_auth(&alice).json(&chat_body(&session)).send().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let request_id = res.json::<Value>().await.unwrap()["request_id"].as_str().unwrap().to_owned();
+    let as_bob =
+        |method: reqwest::Method, path: String| http().request(method, proxy.url(&path)).bearer_auth(&bob).send();
+    for (method, path, code) in [
+        (reqwest::Method::DELETE, format!("/api/chat/{request_id}"), "unknown_request"),
+        (reqwest::Method::GET, format!("/api/chat/{request_id}/events"), "unknown_request"),
+        (reqwest::Method::GET, format!("/v1/chat/completions/chatcmpl-{request_id}/events"), "unknown_request"),
+    ] {
+        let res = as_bob(method.clone(), path.clone()).await.unwrap();
+        assert_eq!(res.status(), 404, "{method} {path}");
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{method} {path}: {body}");
+        assert!(!body.to_string().contains(&session), "nothing about alice's session leaks: {body}");
+    }
+    let res = http().post(proxy.url("/api/chat")).bearer_auth(&bob).json(&chat_body(&session)).send().await.unwrap();
+    assert_eq!(res.status(), 404, "bob cannot write into alice's session");
+
+    // Bob's own socket: alice's request is unknown to resume and to cancel.
+    let mut request = proxy.ws_url(&unique("s-bob")).into_client_request().unwrap();
+    request.headers_mut().insert("authorization", format!("Bearer {bob}").parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    for frame in [
+        json!({"type": "cancel", "request_id": request_id}),
+        json!({"type": "resume", "request_id": request_id, "after_seq": 0}),
+    ] {
+        socket.send(Message::text(frame.to_string())).await.unwrap();
+        let answer = loop {
+            match tokio::time::timeout(EVENT_WAIT, socket.next()).await.unwrap().unwrap().unwrap() {
+                Message::Text(t) => break serde_json::from_str::<Value>(&t).unwrap(),
+                _ => continue,
+            }
+        };
+        assert_eq!(
+            (answer["type"].as_str(), answer["code"].as_str()),
+            (Some("error"), Some("unknown_request")),
+            "{frame}: {answer}"
+        );
+    }
+
+    // None of it touched alice's answer: it ends whole, with done.
+    let res =
+        http().get(proxy.url(&format!("/api/chat/{request_id}/events"))).bearer_auth(&alice).send().await.unwrap();
+    let body = tokio::time::timeout(STREAM_WAIT, res.text()).await.unwrap().unwrap();
+    let events: Vec<chat_wire::Event> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| chat_wire::Event::from_json(d).unwrap())
+        .collect();
+    assert_complete(&events, 1);
 }

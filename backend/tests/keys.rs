@@ -228,7 +228,8 @@ async fn a_node_with_a_secret_takes_work_only_from_a_backend_that_knows_it() {
     let body = json!({"session_id": unique("s"), "message": "hi", "request_id": chat_wire::new_request_id()});
     let direct = http().post(format!("{}/chat", node.url)).json(&body).send().await.unwrap();
     assert_eq!(direct.status(), 401, "nothing but a backend starts work");
-    let wrong = http().post(format!("{}/chat", node.url)).header("x-node-secret", "guess").json(&body).send().await.unwrap();
+    let wrong =
+        http().post(format!("{}/chat", node.url)).header("x-node-secret", "guess").json(&body).send().await.unwrap();
     assert_eq!(wrong.status(), 401);
     assert_eq!(http().get(format!("{}/health", node.url)).send().await.unwrap().status(), 200, "health stays open");
 
