@@ -27,6 +27,9 @@ enum Mode {
     Truncated,
     /// 500 with an error body.
     ServerError,
+    /// A piece every 50 ms, never ending; `closed` is set when the engine
+    /// hangs up.
+    Endless,
 }
 
 #[derive(Clone)]
@@ -34,6 +37,17 @@ struct Stub {
     mode: Mode,
     /// Request bodies the stub received, to check what the engine sends.
     seen: Arc<Mutex<Vec<Value>>>,
+    /// An endless answer's stream was dropped: the client closed the request.
+    closed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Sets its flag when dropped, with the stream that owns it.
+struct HungUp(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for HungUp {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 fn sse_chunk(content: &str) -> Bytes {
@@ -60,6 +74,17 @@ async fn completions(State(stub): State<Stub>, Json(body): Json<Value>) -> Respo
         Mode::ServerError => {
             return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": {"message": "boom"}}))).into_response()
         }
+        Mode::Endless => {
+            let guard = HungUp(stub.closed.clone());
+            let stream = futures::stream::unfold(guard, |guard| async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Some((Ok::<_, std::io::Error>(sse_chunk("more ")), guard))
+            });
+            return Response::builder()
+                .header(header::CONTENT_TYPE, "text/event-stream")
+                .body(Body::from_stream(stream))
+                .unwrap();
+        }
     };
     let stream = futures::stream::iter(pieces).then(|p| async move {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -71,7 +96,7 @@ async fn completions(State(stub): State<Stub>, Json(body): Json<Value>) -> Respo
 use futures::StreamExt;
 
 async fn start_stub(mode: Mode) -> (String, Stub) {
-    let stub = Stub { mode, seen: Arc::default() };
+    let stub = Stub { mode, seen: Arc::default(), closed: Arc::default() };
     let app = Router::new().route("/v1/chat/completions", post(completions)).with_state(stub.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -162,5 +187,36 @@ async fn an_unreachable_model_server_ends_with_an_error_event() {
     let events = sub.until_end(&request_id).await;
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].code.as_deref(), Some("engine_failed"));
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_cancelled_answer_closes_the_upstream_request() {
+    let (base, stub) = start_stub(Mode::Endless).await;
+    let node = node_for(base, "ai-oa-cancel").await;
+    let session = unique("s");
+    let mut sub = Subscriber::session(&redis_url(), &session).await;
+    let id = chat(&node, &session, "never stop").await;
+    for _ in 0..3 {
+        sub.next(Duration::from_secs(5)).await;
+    }
+    assert!(!stub.closed.load(std::sync::atomic::Ordering::SeqCst), "streaming");
+
+    // A backend marks it cancelled, as DELETE /api/chat/{id} does.
+    let ledger = chat_wire::ledger::Ledger::on(
+        &chat_wire::embedded::Backplane::Redis(redis_url()),
+        Duration::from_secs(2),
+        Duration::from_secs(2),
+        chat_wire::ledger::DEFAULT_MAX_LEN,
+        chat_wire::ledger::DEFAULT_TTL,
+    )
+    .unwrap();
+    assert_eq!(ledger.cancel(&id).await.unwrap(), chat_wire::ledger::Cancel::Stopping);
+    let events = sub.until_end(&id).await;
+    let end = events.last().unwrap();
+    assert_eq!((end.kind, end.code.as_deref()), (EventKind::Error, Some("cancelled")), "{end:?}");
+    let closed =
+        eventually(Duration::from_secs(3), || async { stub.closed.load(std::sync::atomic::Ordering::SeqCst) }).await;
+    assert!(closed, "the engine closed its upstream request");
     node.shutdown().await;
 }

@@ -153,7 +153,10 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, caller: Cal
     let (done_tx, mut done_rx) = mpsc::channel::<Box<(String, Result<Accepted, ApiError>)>>(MAX_DISPATCHING);
     let mut dispatching = 0usize;
     let mut resumes: Option<Box<DefaultDirectRateLimiter>> = None;
-    let mut ping_tick = tokio::time::interval(app.config.ws_ping_interval);
+    // The first ping one interval after the upgrade, not at once: a socket
+    // just opened is known to be alive.
+    let ping_every = app.config.ws_ping_interval;
+    let mut ping_tick = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     let mut last_heard = Instant::now();
     let shutdown = app.shutdown.clone();
 
