@@ -12,7 +12,7 @@ pub mod engine;
 pub mod generation;
 pub mod store;
 
-use chat_wire::embedded::Backplane;
+use chat_wire::ledger::Backplane;
 use config::Config;
 use generation::{Generator, Job, Outcome};
 use std::future::Future;

@@ -2,10 +2,11 @@
 //! events; see `chat_wire::ledger`) and the sessions' conversation history,
 //! on Redis or on the embedded bus of the one-process cluster.
 
-use chat_wire::embedded::Backplane;
+use chat_wire::ledger::Backplane;
 use chat_wire::ledger::{Emitted, Ledger, Renewal, RequestRecord};
 use chat_wire::Event;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The store's errors are Redis's: unreachable, timed out, or refused.
@@ -44,7 +45,7 @@ pub struct Retention {
 }
 
 pub struct Store {
-    ledger: Ledger,
+    ledger: Arc<dyn Ledger>,
     retention: Retention,
 }
 
@@ -55,8 +56,13 @@ impl Store {
         command_timeout: Duration,
         retention: Retention,
     ) -> Result<Store, StoreError> {
-        let ledger =
-            Ledger::on(backplane, connect_timeout, command_timeout, retention.stream_max_len, retention.stream_ttl)?;
+        let ledger = chat_wire::ledger::on(
+            backplane,
+            connect_timeout,
+            command_timeout,
+            retention.stream_max_len,
+            retention.stream_ttl,
+        )?;
         Ok(Store { ledger, retention })
     }
 

@@ -203,8 +203,8 @@ async fn a_cancelled_answer_closes_the_upstream_request() {
     assert!(!stub.closed.load(std::sync::atomic::Ordering::SeqCst), "streaming");
 
     // A backend marks it cancelled, as DELETE /api/chat/{id} does.
-    let ledger = chat_wire::ledger::Ledger::on(
-        &chat_wire::embedded::Backplane::Redis(redis_url()),
+    let ledger = chat_wire::ledger::on(
+        &chat_wire::ledger::Backplane::Redis(redis_url()),
         Duration::from_secs(2),
         Duration::from_secs(2),
         chat_wire::ledger::DEFAULT_MAX_LEN,

@@ -71,7 +71,7 @@ pub enum ResumeError {
 }
 
 pub struct Follower {
-    ledger: Arc<Ledger>,
+    ledger: Arc<dyn Ledger>,
     takeovers: Arc<Takeovers>,
     tracks: HashMap<String, Track>,
     /// Order in which tracks were opened, to bound them.
@@ -101,7 +101,7 @@ pub struct Follower {
 pub const TOUCH_EVERY: Duration = Duration::from_secs(5);
 
 impl Follower {
-    pub fn new(ledger: Arc<Ledger>, takeovers: Arc<Takeovers>, stall_timeout: Duration) -> Follower {
+    pub fn new(ledger: Arc<dyn Ledger>, takeovers: Arc<Takeovers>, stall_timeout: Duration) -> Follower {
         Follower {
             ledger,
             takeovers,

@@ -10,7 +10,7 @@
 //! detached (its receiver ends), so a slow reader costs a bounded queue.
 
 use crate::metrics::Metrics;
-use chat_wire::embedded::{Backplane, EmbeddedBus};
+use chat_wire::ledger::{Backplane, EmbeddedBus};
 use chat_wire::{keys, Event};
 use futures::StreamExt;
 use redis::aio::PubSubSink;

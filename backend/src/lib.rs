@@ -20,7 +20,7 @@ pub mod reader;
 pub mod takeover;
 pub mod ws;
 
-use chat_wire::embedded::Backplane;
+use chat_wire::ledger::Backplane;
 use chat_wire::ledger::Ledger;
 use config::Config;
 use hub::Hub;
@@ -49,7 +49,7 @@ pub struct App {
     pub config: Config,
     pub pool: Arc<AiPool>,
     pub hub: Arc<Hub>,
-    pub ledger: Arc<Ledger>,
+    pub ledger: Arc<dyn Ledger>,
     pub takeovers: Arc<Takeovers>,
     /// API keys, when `auth.enabled` (they need Redis: ownership and limits are shared).
     pub keys: Option<keys::Keys>,
@@ -75,13 +75,13 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let pool = AiPool::start(&config, metrics.clone()).await?;
         let hub = Hub::start(backplane, config.ws_send_queue, metrics.clone())?;
-        let ledger = Arc::new(Ledger::on(
+        let ledger = chat_wire::ledger::on(
             backplane,
             config.redis_connect_timeout,
             config.redis_command_timeout,
             STREAM_MAX_LEN,
             STREAM_TTL,
-        )?);
+        )?;
         let takeovers = Takeovers::new(ledger.clone(), pool.clone(), metrics.clone());
         let keys = match (&config.auth, backplane) {
             (None, _) => {

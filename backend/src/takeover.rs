@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 const MAX_PRODUCERS: u64 = 4;
 
 pub struct Takeovers {
-    ledger: Arc<Ledger>,
+    ledger: Arc<dyn Ledger>,
     pool: Arc<AiPool>,
     /// Requests this process is taking over now, so readers of one request start one takeover.
     in_progress: Mutex<HashSet<String>>,
@@ -25,7 +25,7 @@ pub struct Takeovers {
 }
 
 impl Takeovers {
-    pub fn new(ledger: Arc<Ledger>, pool: Arc<AiPool>, metrics: Arc<Metrics>) -> Arc<Takeovers> {
+    pub fn new(ledger: Arc<dyn Ledger>, pool: Arc<AiPool>, metrics: Arc<Metrics>) -> Arc<Takeovers> {
         Arc::new(Takeovers { ledger, pool, in_progress: Mutex::new(HashSet::new()), metrics })
     }
 

@@ -16,8 +16,7 @@
 
 mod common;
 
-use chat_wire::embedded::Backplane;
-use chat_wire::ledger::Ledger;
+use chat_wire::ledger::Backplane;
 use chat_wire::Event;
 use common::*;
 use std::collections::BTreeMap;
@@ -139,7 +138,7 @@ async fn random_disconnects_resumes_and_frozen_nodes_keep_every_socket_exactly_o
     }
     chaos.await.unwrap();
 
-    let ledger = Ledger::on(
+    let ledger = chat_wire::ledger::on(
         &Backplane::Redis(redis.clone()),
         Duration::from_secs(2),
         Duration::from_secs(2),

@@ -635,7 +635,7 @@ fn ai_gateway_cases() -> Vec<HttpCase> {
         HttpCase::new("/v1: resume of an unknown completion", get("/v1/chat/completions/chatcmpl-r-none/events"), Expect::Json(404)),
         HttpCase::new(
             "/v1: a Last-Event-ID that is not a seq",
-            format!("GET /v1/chat/completions/chatcmpl-r-none/events HTTP/1.1\r\nHost: hostile.test\r\nLast-Event-ID: -1\r\n\r\n"),
+            "GET /v1/chat/completions/chatcmpl-r-none/events HTTP/1.1\r\nHost: hostile.test\r\nLast-Event-ID: -1\r\n\r\n",
             Expect::Json(400),
         ),
     ];

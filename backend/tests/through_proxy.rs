@@ -307,7 +307,7 @@ async fn two_thousand_sockets_opening_chatting_and_closing_at_random_never_mark_
         })
     };
 
-    let seed = 0x5eed_c4u64;
+    let seed = 0x005e_edc4_u64;
     let opened = std::sync::atomic::AtomicU64::new(0);
     futures::stream::iter(0..2_000u64)
         .for_each_concurrent(50, |i| {

@@ -8,8 +8,6 @@
 //! services share as servers (flags, configuration, the HTTP error shape)
 //! is `service-kit`'s: this crate pulls in no web framework.
 
-pub mod claims;
-pub mod embedded;
 pub mod events;
 pub mod ids;
 pub mod keys;

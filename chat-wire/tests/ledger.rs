@@ -1,21 +1,22 @@
 //! The ledger's Lua scripts on a real Redis: claims, leases, fencing,
 //! adoption and fenced emits behave as the embedded bus does.
 
-use chat_wire::embedded::Backplane;
+use chat_wire::ledger::Backplane;
 use chat_wire::ledger::{Cancel, Emitted, Fence, Ledger, Renewal, RequestRecord};
 use chat_wire::Event;
+use std::sync::Arc;
 use std::time::Duration;
 
 const LEASE: Duration = Duration::from_millis(200);
 
-fn ledger() -> Ledger {
+fn ledger() -> Arc<dyn Ledger> {
     ledger_keeping(100)
 }
 
-fn ledger_keeping(max_len: usize) -> Ledger {
+fn ledger_keeping(max_len: usize) -> Arc<dyn Ledger> {
     let url = std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let second = Duration::from_secs(1);
-    Ledger::on(&Backplane::Redis(url), second, second, max_len, Duration::from_secs(300)).unwrap()
+    chat_wire::ledger::on(&Backplane::Redis(url), second, second, max_len, Duration::from_secs(300)).unwrap()
 }
 
 fn event(request_id: &str, seq: u64, node: &str, epoch: u64) -> Event {

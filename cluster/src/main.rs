@@ -9,7 +9,7 @@
 //! the AI nodes (drain).
 
 use anyhow::{bail, Context};
-use chat_wire::embedded::{Backplane, EmbeddedBus};
+use chat_wire::ledger::{Backplane, EmbeddedBus};
 use clap::Parser;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

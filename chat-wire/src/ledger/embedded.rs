@@ -4,8 +4,10 @@
 //! Redis layout. It only works when the AI nodes and the backends share one
 //! process (the `cluster` binary); Redis is the real thing.
 
-use crate::claims::{Cancel, Emitted, Fence, Page, Renewal, RequestRecord, NO_PRODUCER};
+use super::{Cancel, Emitted, Fence, Ledger, Page, Renewal, RequestRecord, NO_PRODUCER};
+use crate::redis_conn::RedisError;
 use crate::Event;
+use async_trait::async_trait;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,13 +17,6 @@ use tokio::sync::broadcast;
 const LIVE_CAPACITY: usize = 65_536;
 /// Emits between two sweeps of expired entries.
 const SWEEP_EVERY: u64 = 4096;
-
-/// Where components exchange events: a Redis at a URL, or an embedded bus.
-#[derive(Clone)]
-pub enum Backplane {
-    Redis(String),
-    Embedded(Arc<EmbeddedBus>),
-}
 
 pub struct EmbeddedBus {
     inner: Mutex<Inner>,
@@ -288,6 +283,78 @@ impl Inner {
         self.logs.retain(|_, (_, until)| *until > now);
         self.claims.retain(|_, (_, until)| *until > now);
         self.histories.retain(|_, (_, until)| *until > now);
+    }
+}
+
+/// The ledger's face of the bus; each operation is the bus's own, at once.
+#[async_trait]
+impl Ledger for EmbeddedBus {
+    async fn claim(
+        &self,
+        request_id: &str,
+        record: &RequestRecord,
+        lease: Duration,
+    ) -> Result<Option<String>, RedisError> {
+        Ok(EmbeddedBus::claim(self, request_id, record, lease))
+    }
+
+    async fn fence(&self, request_id: &str, expected: u64) -> Result<Fence, RedisError> {
+        Ok(EmbeddedBus::fence(self, request_id, expected))
+    }
+
+    async fn adopt(&self, request_id: &str, epoch: u64, node: &str, lease: Duration) -> Result<bool, RedisError> {
+        Ok(EmbeddedBus::adopt(self, request_id, epoch, node, lease))
+    }
+
+    async fn renew(
+        &self,
+        request_id: &str,
+        epoch: u64,
+        node: &str,
+        lease: Duration,
+        abandon_after: Duration,
+    ) -> Result<Renewal, RedisError> {
+        Ok(EmbeddedBus::renew(self, request_id, epoch, node, lease, abandon_after))
+    }
+
+    async fn cancel(&self, request_id: &str) -> Result<Cancel, RedisError> {
+        Ok(EmbeddedBus::cancel(self, request_id))
+    }
+
+    async fn touch(&self, request_ids: &[String]) -> Result<(), RedisError> {
+        EmbeddedBus::touch(self, request_ids);
+        Ok(())
+    }
+
+    async fn emit(&self, session_id: &str, event: &Event) -> Result<Emitted, RedisError> {
+        Ok(EmbeddedBus::emit(self, session_id, event))
+    }
+
+    async fn record(&self, request_id: &str) -> Result<Option<RequestRecord>, RedisError> {
+        Ok(EmbeddedBus::record(self, request_id))
+    }
+
+    async fn page(&self, request_id: &str, after_seq: u64, count: usize) -> Result<Page, RedisError> {
+        Ok(EmbeddedBus::page(self, request_id, after_seq, count))
+    }
+
+    async fn history(&self, session_id: &str) -> Result<Vec<String>, RedisError> {
+        Ok(EmbeddedBus::history(self, session_id))
+    }
+
+    async fn remember(
+        &self,
+        session_id: &str,
+        items: Vec<String>,
+        keep: usize,
+        ttl: Duration,
+    ) -> Result<(), RedisError> {
+        EmbeddedBus::remember(self, session_id, items, keep, ttl);
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), RedisError> {
+        Ok(())
     }
 }
 
