@@ -76,7 +76,8 @@ async fn chat(
         let accepted = start_chat(&app, &caller, ip, body, request_id.clone()).await?;
         log::info!("request_id={request_id} session_id={session_id} node={} sse", accepted.node_url);
         let first = reader.follower.start(&request_id).await;
-        return Ok(sse(app, reader, request_id, first).into_response());
+        let charge = caller.0.as_ref().map(|k| k.id.clone());
+        return Ok(sse(app, reader, request_id, first, charge).into_response());
     }
     let session_id = body.session_id.clone();
     let accepted = start_chat(&app, &caller, ip, body, request_id.clone()).await?;
@@ -125,7 +126,7 @@ async fn resume_sse(
 ) -> Result<Response, ApiError> {
     let after_seq = last_event_id(&headers)?.or(params.after_seq).unwrap_or(0);
     match open_resume(&app, &caller, &request_id, after_seq).await? {
-        Some((reader, first)) => Ok(sse(app, reader, request_id, first).into_response()),
+        Some((reader, first)) => Ok(sse(app, reader, request_id, first, None).into_response()),
         None => {
             // The client has the whole request already: an empty stream that ends.
             let empty = futures::stream::empty::<Result<SseEvent, Infallible>>();
@@ -180,8 +181,14 @@ pub(crate) async fn open_resume(
 /// The events of one request as Server-Sent Events, ending after its `done`
 /// or `error`. A reader dropped as too slow (or told the stored events are
 /// gone) ends with an `error` event without an id, and may resume.
-fn sse(app: Arc<App>, reader: Reader, request_id: String, first: Vec<Out>) -> impl IntoResponse {
-    let rx = follow_one(app, reader, request_id.clone(), first);
+fn sse(
+    app: Arc<App>,
+    reader: Reader,
+    request_id: String,
+    first: Vec<Out>,
+    charge: Option<String>,
+) -> impl IntoResponse {
+    let rx = follow_one(app, reader, request_id.clone(), first, charge);
     let stream = futures::stream::unfold((rx, request_id), |(mut rx, id)| async move {
         let event = match rx.recv().await? {
             Item::Event(e) => sse_event(&e),

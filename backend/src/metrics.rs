@@ -34,9 +34,18 @@ pub struct Metrics {
     pub key_requests: IntCounterVec,
     /// Requests cancelled, by how (`client`, `abandoned`).
     pub cancels: IntCounterVec,
+    /// Tokens of each API key's answers (`prompt`, `completion`), counted by
+    /// the reader that started the answer when it sees its end.
+    pub key_tokens: IntCounterVec,
 }
 
 impl Metrics {
+    /// Counts the tokens of an answer of `key`.
+    pub fn charge(&self, key: &str, usage: chat_wire::Usage) {
+        self.key_tokens.with_label_values(&[key, "prompt"]).inc_by(usage.prompt_tokens);
+        self.key_tokens.with_label_values(&[key, "completion"]).inc_by(usage.completion_tokens);
+    }
+
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let chats =
@@ -81,10 +90,16 @@ impl Metrics {
         .unwrap();
         let cancels =
             IntCounterVec::new(Opts::new("backend_cancels_total", "Requests cancelled, by how"), &["how"]).unwrap();
+        let key_tokens = IntCounterVec::new(
+            Opts::new("backend_key_tokens_total", "Tokens of each API key's answers, by kind"),
+            &["key", "kind"],
+        )
+        .unwrap();
         for c in [
             Box::new(auth.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(key_requests.clone()),
             Box::new(cancels.clone()),
+            Box::new(key_tokens.clone()),
             Box::new(chats.clone()),
             Box::new(dispatch.clone()),
             Box::new(retries.clone()),
@@ -119,6 +134,7 @@ impl Metrics {
             auth,
             key_requests,
             cancels,
+            key_tokens,
         }
     }
 

@@ -154,11 +154,14 @@ struct Completion {
     id: String,
     model: String,
     created: u64,
+    /// The API key whose answer this reader started (its tokens go to the metrics).
+    charge: Option<String>,
 }
 
 impl Completion {
     fn new(request_id: &str, model: String) -> Completion {
-        Completion { id: format!("chatcmpl-{request_id}"), model, created: chat_wire::now_micros() / 1_000_000 }
+        let created = chat_wire::now_micros() / 1_000_000;
+        Completion { id: format!("chatcmpl-{request_id}"), model, created, charge: None }
     }
 
     fn chunk(&self, delta: Value, finish_reason: Option<&str>, include_usage: bool) -> Value {
@@ -239,7 +242,8 @@ async fn completions(
     let accepted = start_chat(&app, &caller, ip, body, request_id.clone()).await?;
     log::info!("request_id={request_id} session_id={session_id} node={} v1 stream={}", accepted.node_url, req.stream);
     let first = reader.follower.start(&request_id).await;
-    let completion = Completion::new(&request_id, req.model);
+    let mut completion = Completion::new(&request_id, req.model);
+    completion.charge = caller.0.as_ref().map(|k| k.id.clone());
     let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
     let mut response = if req.stream {
         stream(app, reader, request_id, first, completion, include_usage, true).into_response()
@@ -298,7 +302,7 @@ fn stream(
     include_usage: bool,
     announce_role: bool,
 ) -> impl IntoResponse {
-    let rx = follow_one(app, reader, request_id, first);
+    let rx = follow_one(app, reader, request_id, first, completion.charge.clone());
     let role = announce_role.then(|| {
         let chunk = completion.chunk(json!({"role": "assistant", "content": ""}), None, include_usage);
         SseEvent::default().data(chunk.to_string())
@@ -368,7 +372,7 @@ async fn whole(
     c: Completion,
 ) -> Result<Response, OpenAiError> {
     let deadline = app.config.completion_timeout;
-    let mut rx = follow_one(app, reader, request_id, first);
+    let mut rx = follow_one(app, reader, request_id, first, c.charge.clone());
     let mut text = String::new();
     let collected = tokio::time::timeout(deadline, async {
         while let Some(item) = rx.recv().await {

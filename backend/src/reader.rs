@@ -91,12 +91,14 @@ pub enum Item {
 /// Follows `request_id` to its end on a task of its own: `first` (what the
 /// reader already holds), then every later event, once each, in order. The
 /// task stops after the terminal event or a notice, and as soon as the
-/// receiver is dropped (the client left).
+/// receiver is dropped (the client left). `charge`: the API key whose
+/// request this reader started, counted in the metrics when it ends.
 pub fn follow_one(
     app: Arc<App>,
     mut reader: Reader,
     request_id: String,
     first: Vec<Out>,
+    charge: Option<String>,
 ) -> tokio::sync::mpsc::Receiver<Item> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Item>(64);
     tokio::spawn(async move {
@@ -108,6 +110,9 @@ pub fn follow_one(
                     Out::Event(e) if e.request_id == request_id => {
                         app.metrics.observe_delivery(e.ts_us);
                         let end = e.is_terminal();
+                        if let (true, Some(key), Some(usage)) = (end, &charge, e.usage) {
+                            app.metrics.charge(key, usage);
+                        }
                         (Item::Event(e), end)
                     }
                     Out::Notice { request_id: id, code, message } if id == request_id => {

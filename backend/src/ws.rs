@@ -32,6 +32,8 @@ use tokio::sync::mpsc;
 const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 /// Chats one socket may have in dispatch at once.
 const MAX_DISPATCHING: usize = 4;
+/// Answers one socket remembers having started (for the per-key token counts).
+const MAX_STARTED: usize = 256;
 
 pub mod close {
     /// The server is going away (shutdown, idle client).
@@ -152,6 +154,8 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, caller: Cal
     // socket has one (an unboxed slot is ~90 bytes, ~3 KB per idle socket).
     let (done_tx, mut done_rx) = mpsc::channel::<Box<(String, Result<Accepted, ApiError>)>>(MAX_DISPATCHING);
     let mut dispatching = 0usize;
+    // Answers this socket started, whose tokens it counts for its key at their end.
+    let mut started: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut resumes: Option<Box<DefaultDirectRateLimiter>> = None;
     // The first ping one interval after the upgrade, not at once: a socket
     // just opened is known to be alive.
@@ -189,6 +193,9 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, caller: Cal
                             } else {
                                 let request_id = chat_wire::new_request_id();
                                 reader.follower.expect(&request_id);
+                                if caller.0.is_some() && started.len() < MAX_STARTED {
+                                    started.insert(request_id.clone());
+                                }
                                 dispatching += 1;
                                 let body = ChatBody { session_id: session_id.clone(), message, user_id };
                                 let (app, done_tx, caller) = (app.clone(), done_tx.clone(), caller.clone());
@@ -247,6 +254,7 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, caller: Cal
                     }
                     Err(e) => {
                         reader.follower.forget(&request_id);
+                        started.remove(&request_id);
                         out.push(error_frame(Some(&request_id), e.code, &e.message));
                     }
                 }
@@ -270,6 +278,11 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, caller: Cal
                     Outgoing::Frame(text) => Message::Text(Utf8Bytes::from(text)),
                     Outgoing::Event(e) => {
                         app.metrics.observe_delivery(e.ts_us);
+                        if let (true, Some(key), Some(usage)) = (e.is_terminal(), &caller.0, e.usage) {
+                            if started.remove(&e.request_id) {
+                                app.metrics.charge(&key.id, usage);
+                            }
+                        }
                         Message::Text(Utf8Bytes::from(e.to_json()))
                     }
                 };

@@ -229,4 +229,6 @@ async fn a_keys_answers_are_charged_to_it_and_held_to_its_tokens_per_minute() {
     assert_eq!(usage["requests"], answered, "{usage}");
     assert_eq!(usage["completion_tokens"], answered * (Pace::QUICK.events() - 1), "{usage}");
     assert_eq!(usage["running"], 0, "{usage}");
+    let counted = metric(&backend, &format!("backend_key_tokens_total{{key=\"{id}\",kind=\"completion\"}}")).await;
+    assert_eq!(counted, answered * (Pace::QUICK.events() - 1), "per-key tokens in the metrics");
 }
