@@ -8,6 +8,9 @@ use serde_json::Value;
 use std::process::Command;
 use std::time::Duration;
 
+/// This crate's own binary, built by cargo for these tests.
+const BACKEND_BIN: &str = env!("CARGO_BIN_EXE_backend");
+
 #[test]
 fn check_config_accepts_a_valid_file_and_names_a_misspelt_key() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,26 +1,19 @@
-//! Test harness: real AI nodes on free ports, real Redis, real subscribers.
-#![allow(dead_code)]
+//! The AI node's own harness: nodes in this process on free ports, and
+//! subscribers of a session's events; the rest (Redis, polling, ports) is
+//! the workspace's (`testkit`).
+#![allow(dead_code, unused_imports)]
+
+pub use testkit::{eventually, free_port, redis_url, unique, OwnRedis};
 
 use ai_node::config::{Config, EngineConfig, SyntheticConfig};
 use ai_node::Node;
 use chat_wire::{keys, Event};
 use futures::StreamExt;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-
-/// The shared Redis the tests use: `TEST_REDIS_URL`, else the machine's default.
-pub fn redis_url() -> String {
-    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-/// A unique id for this test's sessions and requests, so tests never share keys.
-pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", chat_wire::new_request_id())
-}
 
 /// A configuration for a fast synthetic node on a free port.
 pub fn fast_config(redis_url: &str, node_id: &str) -> Config {
@@ -144,79 +137,4 @@ pub async fn stored_events(redis_url: &str, request_id: &str) -> Vec<Event> {
             Event::from_json(&json).unwrap()
         })
         .collect()
-}
-
-/// A free port on 127.0.0.1 (bound and released; the caller binds it again).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A `redis-server` of the test's own, for tests that stop and restart Redis.
-pub struct OwnRedis {
-    pub port: u16,
-    child: Option<Child>,
-}
-
-impl OwnRedis {
-    pub fn start() -> OwnRedis {
-        let mut redis = OwnRedis { port: free_port(), child: None };
-        redis.restart();
-        redis
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts (again) on the same port and waits until it answers.
-    pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "already running");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let client = redis::Client::open(self.url()).unwrap();
-        while Instant::now() < deadline {
-            if let Ok(mut conn) = client.get_connection() {
-                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("redis-server on port {} did not answer", self.port);
-    }
-
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// Polls `check` until it holds or `within` passes.
-pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
 }

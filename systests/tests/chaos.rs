@@ -55,7 +55,7 @@ async fn random_disconnects_resumes_and_frozen_nodes_keep_every_socket_exactly_o
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
     });
     let secs: u64 = std::env::var("CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
-    eprintln!("chaos seed {seed} for {secs} s (replay: CHAOS_SEED={seed} cargo test -p backend --test chaos)");
+    eprintln!("chaos seed {seed} for {secs} s (replay: CHAOS_SEED={seed} cargo test -p systests --test chaos)");
 
     let redis = redis_url();
     let pace = Pace { first_token_ms: 5, tokens_per_second: 20.0, answer_tokens: 24 };

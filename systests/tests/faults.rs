@@ -10,74 +10,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
-/// A redis-server on a fixed port of its own (picked free), that can be
-/// stopped and started again. It keeps its data across a restart (an
-/// append-only file synced on every write), as a production Redis does: an
-/// outage is the subject here, not a Redis that forgets every request.
-struct RestartableRedis {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl RestartableRedis {
-    fn start() -> RestartableRedis {
-        let mut redis = RestartableRedis { port: free_port(), dir: tempfile::tempdir().unwrap(), child: None };
-        redis.up();
-        redis
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn up(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed");
-        self.child = Some(child);
-        let client = redis::Client::open(self.url()).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(300)) {
-                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("redis-server on {} did not come up", self.port);
-    }
-
-    fn down(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for RestartableRedis {
-    fn drop(&mut self) {
-        self.down();
-    }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
@@ -85,7 +17,7 @@ fn alive(pid: u32) -> bool {
 
 #[tokio::test]
 async fn redis_restarted_mid_stream_every_component_recovers_and_nothing_hangs() {
-    let mut redis = RestartableRedis::start();
+    let mut redis = OwnRedis::start_persistent();
     let node = AiNode::start(&redis.url(), Pace::SLOW).await;
     let backend = Backend::builder(&redis.url(), &[&node]).set("stream", "stall_timeout_ms", 1_000).start().await;
     backend.wait_healthy_nodes(1).await;
@@ -95,7 +27,7 @@ async fn redis_restarted_mid_stream_every_component_recovers_and_nothing_hangs()
     let first = ws.next_event(&accepted.request_id, EVENT_WAIT).await;
     assert_eq!(first.seq, 1);
 
-    redis.down();
+    redis.stop();
     // During the outage: a clear 503 with the JSON error, quickly.
     let started = Instant::now();
     let res = backend.post_chat(&json!({"session_id": unique("s"), "message": "anyone?"})).await;
@@ -104,7 +36,7 @@ async fn redis_restarted_mid_stream_every_component_recovers_and_nothing_hangs()
     assert!(body["error"]["code"].is_string(), "{body}");
     assert!(started.elapsed() < Duration::from_secs(10), "the refusal took {:?}", started.elapsed());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    redis.up();
+    redis.restart();
 
     // The stream in flight completes or ends with a stored error event, with
     // no gap and no repeat: it never hangs.
