@@ -5,7 +5,7 @@
 //! that does not exist); a key's requests are admitted against its limits
 //! (429). With keys off every caller is anonymous and every check passes.
 
-use crate::chat::ApiError;
+use crate::errors::{ApiError, OpenAiError};
 use crate::keys::{AuthError, Key, Over};
 use crate::App;
 use axum::extract::{Request, State};
@@ -59,9 +59,7 @@ pub async fn require_key(State(app): State<Arc<App>>, mut request: Request, next
             request.extensions_mut().insert(caller);
             next.run(request).await
         }
-        Err(e) if request.uri().path().starts_with("/v1/") => {
-            crate::openai::OpenAiError(unauthorized(e)).into_response()
-        }
+        Err(e) if request.uri().path().starts_with("/v1/") => OpenAiError(unauthorized(e)).into_response(),
         Err(e) => unauthorized(e).into_response(),
     }
 }

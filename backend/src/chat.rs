@@ -3,12 +3,12 @@
 //! (`ws`), so neither reaches into the other.
 
 use crate::auth::{self, Caller};
+pub use crate::errors::ApiError;
 use crate::limits::Limited;
 use crate::nodes::{Accepted, DispatchError, NodeChat};
 use crate::App;
 use axum::http::StatusCode;
 use serde::Deserialize;
-pub use service_kit::http::ApiError;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 

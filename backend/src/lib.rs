@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod chat;
 pub mod config;
+pub mod errors;
 pub mod follow;
 pub mod hub;
 pub mod keys;
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod nodes;
 pub mod openai;
 pub mod reader;
+pub mod resume;
 pub mod takeover;
 pub mod ws;
 

@@ -15,11 +15,12 @@
 //! resumes at `GET /v1/chat/completions/{id}/events` with `Last-Event-ID`,
 //! on any backend.
 
-use crate::api::{last_event_id, open_resume};
 use crate::auth::Caller;
-use crate::chat::{start_chat, ApiError, ChatBody};
+use crate::chat::{start_chat, ChatBody};
+use crate::errors::{error_body, ApiError, OpenAiError};
 use crate::follow::Out;
 use crate::reader::{follow_one, Item, Reader};
+use crate::resume::{last_event_id, open_resume};
 use crate::App;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{ConnectInfo, Path, State};
@@ -43,39 +44,6 @@ pub fn routes() -> Router<Arc<App>> {
         .route("/v1/models", get(models))
         .route("/v1/models/{model}", get(model))
         .route("/v1/{*rest}", axum::routing::any(|| async { OpenAiError(ApiError::not_found()) }))
-}
-
-/// An [`ApiError`] in OpenAI's shape: `{"error": {message, type, param, code}}`.
-pub struct OpenAiError(pub ApiError);
-
-impl From<ApiError> for OpenAiError {
-    fn from(e: ApiError) -> Self {
-        OpenAiError(e)
-    }
-}
-
-impl From<JsonRejection> for OpenAiError {
-    fn from(e: JsonRejection) -> Self {
-        OpenAiError(e.into())
-    }
-}
-
-impl IntoResponse for OpenAiError {
-    fn into_response(self) -> Response {
-        let e = self.0;
-        (e.status, Json(error_body(e.status, e.code, &e.message, None))).into_response()
-    }
-}
-
-fn error_body(status: StatusCode, code: &str, message: &str, param: Option<&str>) -> Value {
-    let kind = match status.as_u16() {
-        400 | 404 | 409 | 413 | 415 => "invalid_request_error",
-        401 => "authentication_error",
-        403 => "permission_error",
-        429 => "rate_limit_error",
-        _ => "server_error",
-    };
-    json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
 }
 
 fn bad_request(message: impl Into<String>) -> OpenAiError {
