@@ -142,7 +142,7 @@ async fn an_answer_no_reader_follows_is_cancelled_as_abandoned() {
     ws.drop_abruptly();
     // Within abandon_after plus a lease renewal the node stores the end.
     let ended = eventually(Duration::from_secs(40), || async {
-        let page = stored_now(&redis, &accepted.request_id).await;
+        let page = stored_events(&redis, &accepted.request_id).await;
         page.last().is_some_and(|e| e.code.as_deref() == Some("cancelled"))
     })
     .await;
@@ -150,25 +150,6 @@ async fn an_answer_no_reader_follows_is_cancelled_as_abandoned() {
     let events = stored(&backend, &accepted.request_id).await;
     assert_cancelled(&events);
     assert!(events.len() < 400, "it stopped long before its end");
-}
-
-/// The stored events without following them (no reader touches the request).
-async fn stored_now(redis: &str, request_id: &str) -> Vec<Event> {
-    let client = redis::Client::open(redis).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(chat_wire::keys::request_stream(request_id))
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    entries
-        .into_iter()
-        .filter_map(|(_, fields)| {
-            fields.into_iter().find(|(k, _)| k == "event").map(|(_, v)| Event::from_json(&v).unwrap())
-        })
-        .collect()
 }
 
 #[tokio::test]

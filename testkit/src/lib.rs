@@ -922,3 +922,24 @@ impl Backend {
         !self.process.has_exited()
     }
 }
+
+/// Every stored event of a request, in stream order, read straight from
+/// Redis (no reader follows it, so nothing touches the request).
+pub async fn stored_events(redis_url: &str, request_id: &str) -> Vec<Event> {
+    let client = redis::Client::open(redis_url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(chat_wire::keys::request_stream(request_id))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    entries
+        .into_iter()
+        .map(|(_, fields)| {
+            let json = fields.into_iter().find(|(k, _)| k == "event").map(|(_, v)| v).unwrap();
+            Event::from_json(&json).unwrap()
+        })
+        .collect()
+}

@@ -3,7 +3,7 @@
 //! the workspace's (`testkit`).
 #![allow(dead_code, unused_imports)]
 
-pub use testkit::{eventually, free_port, redis_url, unique, OwnRedis};
+pub use testkit::{eventually, free_port, redis_url, stored_events, unique, OwnRedis};
 
 use ai_node::config::{Config, EngineConfig, SyntheticConfig};
 use ai_node::Node;
@@ -117,24 +117,4 @@ impl Subscriber {
             panic!("unexpected event {raw}");
         }
     }
-}
-
-/// Every stored event of a request, in stream order.
-pub async fn stored_events(redis_url: &str, request_id: &str) -> Vec<Event> {
-    let client = redis::Client::open(redis_url).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(keys::request_stream(request_id))
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    entries
-        .into_iter()
-        .map(|(_, fields)| {
-            let json = fields.into_iter().find(|(k, _)| k == "event").map(|(_, v)| v).unwrap();
-            Event::from_json(&json).unwrap()
-        })
-        .collect()
 }
