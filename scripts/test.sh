@@ -24,7 +24,10 @@ echo "== fuzz: every target briefly (longer runs: scripts/fuzz.sh SECONDS)"
 scripts/fuzz.sh 10
 
 # Starts the one-command cluster (with extra flags) and sets $url to its page.
+# Each gets a log of its own: a reused one could still show the last
+# cluster's address when it is first read.
 start_cluster() {
+  log=$(mktemp "${TMPDIR:-/tmp}/chat-cluster.XXXXXX.log")
   target/debug/cluster --port 0 --status-port 0 --redis "$TEST_REDIS_URL" "$@" >"$log" 2>&1 &
   cluster=$!
   for _ in $(seq 600); do
@@ -38,15 +41,16 @@ start_cluster() {
 
 echo "== browser test: the chat page through the proxy, in headless Chromium"
 cargo build --locked -p cluster -p proxy -p backend
-log=$(mktemp "${TMPDIR:-/tmp}/chat-cluster.XXXXXX.log")
 cluster=
 trap 'kill $cluster 2>/dev/null || true; wait $cluster 2>/dev/null || true; stop_own_redis' EXIT
 start_cluster
+grep -q "API keys        off" "$log" || { cat "$log"; echo "the cluster does not say API keys are off"; exit 1; }
 scripts/e2e_page.sh "$url"
 kill $cluster && wait $cluster 2>/dev/null || true
 
 echo "== browser test with API keys on: the page asks for a key, and streams with one"
 start_cluster --api-keys
+grep -q "API keys        on" "$log" || { cat "$log"; echo "the cluster does not say API keys are on"; exit 1; }
 key=$(REDIS_URL="$TEST_REDIS_URL" target/debug/backend new-key --id e2e-page 2>/dev/null)
 E2E_API_KEY="$key" scripts/e2e_page.sh "$url"
 REDIS_URL="$TEST_REDIS_URL" target/debug/backend revoke-key "$key" >/dev/null
