@@ -191,17 +191,28 @@ return 0
 
 /// Admits one request of a key against its limits; on success counts it in
 /// this minute's requests and among its running ones. 0 admitted, 1 requests
-/// per minute, 2 tokens per minute, 3 concurrent streams.
+/// per minute, 2 tokens per minute, 3 concurrent streams. The minute and the
+/// start times are Redis's clock, as in the node's charge (`EMIT`).
 const ADMIT: &str = r"
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[6])
-if tonumber(ARGV[3]) > 0 and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[3]) then return 3 end
-if tonumber(ARGV[2]) > 0 and tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(ARGV[2]) then return 2 end
-if tonumber(ARGV[1]) > 0 and tonumber(redis.call('GET', KEYS[1]) or '0') >= tonumber(ARGV[1]) then return 1 end
-redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], 120)
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
-redis.call('EXPIRE', KEYS[3], ARGV[7])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local minute = math.floor(tonumber(t[1]) / 60)
+local rpm, tpm, running = ARGV[1] .. ':rpm:' .. minute, ARGV[1] .. ':tpm:' .. minute, ARGV[1] .. ':running'
+redis.call('ZREMRANGEBYSCORE', running, '-inf', now - tonumber(ARGV[6]))
+if tonumber(ARGV[4]) > 0 and redis.call('ZCARD', running) >= tonumber(ARGV[4]) then return 3 end
+if tonumber(ARGV[3]) > 0 and tonumber(redis.call('GET', tpm) or '0') >= tonumber(ARGV[3]) then return 2 end
+if tonumber(ARGV[2]) > 0 and tonumber(redis.call('GET', rpm) or '0') >= tonumber(ARGV[2]) then return 1 end
+redis.call('INCR', rpm)
+redis.call('EXPIRE', rpm, 120)
+redis.call('ZADD', running, now, ARGV[5])
+redis.call('EXPIRE', running, math.floor(tonumber(ARGV[6]) / 1000))
 return 0
+";
+
+/// This minute's requests and tokens of a key (Redis's clock, as `ADMIT`).
+const THIS_MINUTE: &str = r"
+local minute = math.floor(tonumber(redis.call('TIME')[1]) / 60)
+return {tonumber(redis.call('GET', ARGV[1] .. ':rpm:' .. minute) or '0'), tonumber(redis.call('GET', ARGV[1] .. ':tpm:' .. minute) or '0')}
 ";
 
 /// Which of a key's limits a request ran into.
@@ -217,15 +228,6 @@ pub const OWNERSHIP_TTL: Duration = Duration::from_secs(86_400);
 
 /// A running request no node ended within this is no longer counted as running.
 pub const RUNNING_AT_MOST: Duration = Duration::from_secs(3_600);
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-/// The current unix minute, the window of the per-minute limits.
-pub fn minute() -> u64 {
-    unix_ms() / 60_000
-}
 
 impl Keys {
     /// Whether `session_id` is `key_id`'s (claiming it when no key has it).
@@ -243,21 +245,16 @@ impl Keys {
 
     /// Admits `request_id` of `key` against its limits.
     pub async fn admit(&self, key: &Key, request_id: &str) -> Result<Result<(), Over>, RedisError> {
-        let (now, minute) = (unix_ms(), minute());
         let mut pipe = redis::pipe();
         pipe.cmd("EVAL")
             .arg(ADMIT)
-            .arg(3)
-            .arg(chat_wire::keys::key_requests_in(&key.id, minute))
-            .arg(chat_wire::keys::key_tokens_in(&key.id, minute))
-            .arg(chat_wire::keys::key_running(&key.id))
+            .arg(0)
+            .arg(chat_wire::keys::key_prefix(&key.id))
             .arg(key.requests_per_minute)
             .arg(key.tokens_per_minute)
             .arg(key.concurrent_streams)
-            .arg(now)
             .arg(request_id)
-            .arg(now.saturating_sub(RUNNING_AT_MOST.as_millis() as u64))
-            .arg(RUNNING_AT_MOST.as_secs());
+            .arg(RUNNING_AT_MOST.as_millis() as u64);
         let (code,): (i64,) = self.redis.query(&pipe).await?;
         Ok(match code {
             0 => Ok(()),
@@ -276,14 +273,14 @@ impl Keys {
 
     /// The key's usage: totals since it was first used, and this minute's.
     pub async fn usage(&self, key: &Key) -> Result<serde_json::Value, RedisError> {
-        let minute = minute();
         let mut pipe = redis::pipe();
         pipe.hgetall(chat_wire::keys::key_usage(&key.id))
-            .get(chat_wire::keys::key_requests_in(&key.id, minute))
-            .get(chat_wire::keys::key_tokens_in(&key.id, minute))
+            .cmd("EVAL")
+            .arg(THIS_MINUTE)
+            .arg(0)
+            .arg(chat_wire::keys::key_prefix(&key.id))
             .zcard(chat_wire::keys::key_running(&key.id));
-        let (totals, rpm, tpm, running): (HashMap<String, u64>, Option<u64>, Option<u64>, u64) =
-            self.redis.query(&pipe).await?;
+        let (totals, (rpm, tpm), running): (HashMap<String, u64>, (u64, u64), u64) = self.redis.query(&pipe).await?;
         let total = |name: &str| totals.get(name).copied().unwrap_or(0);
         Ok(serde_json::json!({
             "key_id": key.id,
@@ -291,7 +288,7 @@ impl Keys {
             "prompt_tokens": total("prompt_tokens"),
             "completion_tokens": total("completion_tokens"),
             "total_tokens": total("prompt_tokens") + total("completion_tokens"),
-            "this_minute": {"requests": rpm.unwrap_or(0), "tokens": tpm.unwrap_or(0)},
+            "this_minute": {"requests": rpm, "tokens": tpm},
             "running": running,
             "limits": {
                 "requests_per_minute": key.requests_per_minute,

@@ -39,24 +39,24 @@ pub fn session_owner(session_id: &str) -> String {
     format!("chat:session:{session_id}:owner")
 }
 
-/// Usage totals of one API key: `requests`, `prompt_tokens`, `completion_tokens`.
+/// The prefix of everything one API key spends: `<prefix>:usage` (hash
+/// `requests prompt_tokens completion_tokens`), `<prefix>:rpm:<minute>` and
+/// `<prefix>:tpm:<minute>` (this minute's requests and tokens), and
+/// `<prefix>:running` (its running requests, a sorted set). The Lua scripts
+/// that count them add the suffixes, with the minute taken from Redis's own
+/// clock (`TIME`), so every backend and node counts in the same minute.
+pub fn key_prefix(key_id: &str) -> String {
+    format!("chat:key:{key_id}")
+}
+
+/// Usage totals of one API key.
 pub fn key_usage(key_id: &str) -> String {
-    format!("chat:key:{key_id}:usage")
-}
-
-/// Requests one API key started in one minute (unix minute).
-pub fn key_requests_in(key_id: &str, minute: u64) -> String {
-    format!("chat:key:{key_id}:rpm:{minute}")
-}
-
-/// Tokens one API key used in one minute (unix minute), added as requests end.
-pub fn key_tokens_in(key_id: &str, minute: u64) -> String {
-    format!("chat:key:{key_id}:tpm:{minute}")
+    format!("{}:usage", key_prefix(key_id))
 }
 
 /// Requests of one API key still running: a sorted set, scored by start time.
 pub fn key_running(key_id: &str) -> String {
-    format!("chat:key:{key_id}:running")
+    format!("{}:running", key_prefix(key_id))
 }
 
 /// The session id of a channel made by `session_channel`.

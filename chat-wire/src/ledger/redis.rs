@@ -88,7 +88,7 @@ if ARGV[8] == '1' then
   redis.call('HSET', KEYS[1], 'ended', ARGV[2])
   redis.call('DEL', KEYS[3])
   -- The key that started the request is charged its tokens, and the
-  -- request stops counting among its running ones (names: keys.rs).
+  -- request stops counting among its running ones (names: keys::key_prefix).
   if c[6] and c[6] ~= '' then
     local base = 'chat:key:' .. c[6]
     local p, q = tonumber(ARGV[9]), tonumber(ARGV[10])
