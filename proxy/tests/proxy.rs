@@ -292,6 +292,11 @@ fn config_test_rejects_bad_files_naming_file_key_and_line() {
 
     let (ok, err) = check_config("[listen]\npublik = \"0.0.0.0:8080\"\n");
     assert!(!ok);
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[listen]\npublik = 1\n").unwrap();
+    let code = Command::new(env!("CARGO_BIN_EXE_proxy")).args(["-c", bad.to_str().unwrap(), "-t"]).output().unwrap();
+    assert_eq!(code.status.code(), Some(64), "an unusable configuration exits 64, as in the other services");
     assert!(err.contains("p.toml") && err.contains("line 2") && err.contains("publik"), "{err}");
 
     let (ok, err) = check_config("[listen]\npublic = \"0.0.0.0:80800\"\n");
