@@ -8,13 +8,20 @@
 //! session again, and tells every reader to `Refill` from the streams, which
 //! closes whatever gap the outage made. A reader whose queue is full is
 //! detached (its receiver ends), so a slow reader costs a bounded queue.
+//!
+//! On a Redis Cluster the sessions are shard channels (`SSUBSCRIBE`): each
+//! lives on the master of its slot, and redis-rs's cluster connection holds
+//! one connection per master this backend needs, subscribes again by itself
+//! after a reconnection or a failover, and confirms each time; a confirmation
+//! of a session already subscribed means a gap, so its readers refill.
 
 use crate::metrics::Metrics;
 use chat_wire::ledger::{Backplane, EmbeddedBus};
 use chat_wire::{keys, Event};
 use futures::StreamExt;
 use redis::aio::PubSubSink;
-use std::collections::HashMap;
+use redis::cluster_async::ClusterConnection;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,6 +49,8 @@ struct Reader {
 /// Where live events come from.
 enum Source {
     Redis(redis::Client),
+    /// A Redis Cluster, by its seed nodes.
+    Cluster(Vec<String>),
     /// The embedded bus carries every session; the hub picks the attached ones.
     Embedded(Arc<EmbeddedBus>),
 }
@@ -51,7 +60,10 @@ pub struct Hub {
     /// Attached readers by session id.
     readers: Mutex<HashMap<String, Vec<Reader>>>,
     /// The current connection's command half; `None` while disconnected.
-    sink: tokio::sync::Mutex<Option<PubSubSink>>,
+    sink: tokio::sync::Mutex<Option<Sink>>,
+    /// Cluster only: sessions whose `SSUBSCRIBE` failed (their slot's master
+    /// was unreachable), tried again until it takes.
+    pending: Mutex<HashSet<String>>,
     next_id: AtomicU64,
     /// A SUBSCRIBE failed on a connection that stays up: the connection task
     /// drops it and reconnects, which subscribes every session again.
@@ -81,13 +93,17 @@ impl Hub {
     /// Starts the hub and its connection task.
     pub fn start(backplane: &Backplane, queue: usize, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Hub>> {
         let source = match backplane {
-            Backplane::Redis(url) => Source::Redis(redis::Client::open(url.as_str())?),
+            Backplane::Redis(url) => match chat_wire::redis_conn::cluster_nodes(url) {
+                Some(nodes) => Source::Cluster(nodes),
+                None => Source::Redis(redis::Client::open(url.as_str())?),
+            },
             Backplane::Embedded(bus) => Source::Embedded(bus.clone()),
         };
         let hub = Arc::new(Hub {
             source,
             readers: Mutex::new(HashMap::new()),
             sink: tokio::sync::Mutex::new(None),
+            pending: Mutex::new(HashSet::new()),
             next_id: AtomicU64::new(1),
             reconnect: tokio::sync::Notify::new(),
             queue,
@@ -95,6 +111,7 @@ impl Hub {
         });
         match &hub.source {
             Source::Redis(client) => tokio::spawn(hub.clone().run(client.clone())),
+            Source::Cluster(nodes) => tokio::spawn(hub.clone().run_cluster(nodes.clone())),
             Source::Embedded(bus) => tokio::spawn(hub.clone().run_embedded(bus.subscribe())),
         };
         Ok(hub)
@@ -114,11 +131,20 @@ impl Hub {
         if first {
             if let Some(s) = sink.as_mut() {
                 let channel = keys::session_channel(session_id);
-                if let Err(e) = bounded(s.subscribe(&channel)).await {
-                    // Reconnect: the new connection subscribes every attached
-                    // session, and readers refill what passed meanwhile.
-                    log::warn!("subscribe {channel} failed, reconnecting: {e}");
-                    self.reconnect.notify_one();
+                if let Err(e) = s.subscribe(&channel).await {
+                    match s {
+                        // Reconnect: the new connection subscribes every attached
+                        // session, and readers refill what passed meanwhile.
+                        Sink::Single(_) => {
+                            log::warn!("subscribe {channel} failed, reconnecting: {e}");
+                            self.reconnect.notify_one();
+                        }
+                        // The connection task tries again, then refills.
+                        Sink::Cluster(_) => {
+                            log::warn!("ssubscribe {channel} failed, trying again: {e}");
+                            self.pending.lock().unwrap().insert(session_id.to_owned());
+                        }
+                    }
                 }
             }
         }
@@ -142,8 +168,9 @@ impl Hub {
             }
         };
         if last {
+            self.pending.lock().unwrap().remove(session_id);
             if let Some(s) = sink.as_mut() {
-                let _ = bounded(s.unsubscribe(keys::session_channel(session_id))).await;
+                let _ = s.unsubscribe(&keys::session_channel(session_id)).await;
             }
         }
     }
@@ -204,7 +231,7 @@ impl Hub {
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
                 }
-                *current = Some(sink);
+                *current = Some(Sink::Single(sink));
             }
             backoff = Duration::from_millis(50);
             if !first {
@@ -238,6 +265,109 @@ impl Hub {
         }
     }
 
+    /// A Redis Cluster: one cluster connection (RESP3) whose pushes carry
+    /// the shard channels' messages and subscription confirmations.
+    async fn run_cluster(self: Arc<Self>, nodes: Vec<String>) {
+        let (tx, mut pushes) = mpsc::unbounded_channel();
+        let client = match chat_wire::redis_conn::cluster_client(nodes, PUBSUB_TIMEOUT, PUBSUB_TIMEOUT, Some(tx)) {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("redis cluster: {e}; live events are off, readers rely on polling the streams");
+                return;
+            }
+        };
+        let mut backoff = Duration::from_millis(50);
+        let conn = loop {
+            match tokio::time::timeout(PUBSUB_TIMEOUT, client.get_async_connection()).await {
+                Ok(Ok(conn)) => break conn,
+                failed => {
+                    let why = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "timed out".into(),
+                    };
+                    log::warn!("cluster pub/sub connection failed, retrying in {backoff:?}: {why}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        };
+        {
+            let mut current = self.sink.lock().await;
+            let sessions: Vec<String> = self.readers.lock().unwrap().keys().cloned().collect();
+            self.pending.lock().unwrap().extend(sessions);
+            *current = Some(Sink::Cluster(conn));
+        }
+        self.broadcast_refill();
+        // Channels confirmed once: a later confirmation is a resubscription.
+        let mut confirmed: HashSet<String> = HashSet::new();
+        let mut retry = tokio::time::interval(Duration::from_millis(500));
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let push = tokio::select! {
+                push = pushes.recv() => match push {
+                    Some(push) => push,
+                    None => return,
+                },
+                _ = retry.tick() => {
+                    self.subscribe_pending().await;
+                    continue;
+                }
+            };
+            let channel = push.data.first().and_then(|v| redis::from_redis_value_ref::<String>(v).ok());
+            match (push.kind, channel) {
+                (redis::PushKind::SMessage, Some(channel)) => {
+                    let Some(payload) = push.data.get(1).and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+                    else {
+                        continue;
+                    };
+                    let Ok(event) = Event::from_json(&payload) else {
+                        log::warn!("unreadable event on {channel}");
+                        continue;
+                    };
+                    if let Some(session) = keys::session_of_channel(&channel) {
+                        self.deliver(session, Delivery::Event(Arc::new(event)));
+                    }
+                }
+                (redis::PushKind::SSubscribe, Some(channel)) => {
+                    if !confirmed.insert(channel.clone()) {
+                        // Subscribed again after a reconnection or a slot
+                        // move: what was published meanwhile is in the streams.
+                        self.metrics.pubsub_reconnects.inc();
+                        if let Some(session) = keys::session_of_channel(&channel) {
+                            log::info!("{channel} subscribed again; its readers refill");
+                            self.deliver(session, Delivery::Refill);
+                        }
+                    }
+                }
+                (redis::PushKind::SUnsubscribe, Some(channel)) => {
+                    confirmed.remove(&channel);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Cluster only: subscribes the sessions whose first try failed, and
+    /// refills their readers once it takes.
+    async fn subscribe_pending(&self) {
+        if self.pending.lock().unwrap().is_empty() {
+            return;
+        }
+        let mut sink = self.sink.lock().await;
+        let Some(s) = sink.as_mut() else { return };
+        let sessions: Vec<String> = self.pending.lock().unwrap().iter().cloned().collect();
+        for session in sessions {
+            if !self.readers.lock().unwrap().contains_key(&session) {
+                self.pending.lock().unwrap().remove(&session);
+                continue;
+            }
+            if s.subscribe(&keys::session_channel(&session)).await.is_ok() {
+                self.pending.lock().unwrap().remove(&session);
+                self.deliver(&session, Delivery::Refill);
+            }
+        }
+    }
+
     fn deliver(&self, session_id: &str, delivery: Delivery) {
         let mut readers = self.readers.lock().unwrap();
         if let Some(list) = readers.get_mut(session_id) {
@@ -257,6 +387,28 @@ impl Hub {
         let sessions: Vec<String> = self.readers.lock().unwrap().keys().cloned().collect();
         for session in sessions {
             self.deliver(&session, Delivery::Refill);
+        }
+    }
+}
+
+/// The command half of the live-event connection.
+enum Sink {
+    Single(PubSubSink),
+    Cluster(ClusterConnection),
+}
+
+impl Sink {
+    async fn subscribe(&mut self, channel: &str) -> Result<(), String> {
+        match self {
+            Sink::Single(s) => bounded(s.subscribe(channel)).await,
+            Sink::Cluster(c) => bounded(c.ssubscribe(channel)).await,
+        }
+    }
+
+    async fn unsubscribe(&mut self, channel: &str) -> Result<(), String> {
+        match self {
+            Sink::Single(s) => bounded(s.unsubscribe(channel)).await,
+            Sink::Cluster(c) => bounded(c.sunsubscribe(channel)).await,
         }
     }
 }

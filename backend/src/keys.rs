@@ -11,7 +11,7 @@
 //! holds within it).
 //!
 //! What a key owns and spends lives in Redis, shared by every backend:
-//! a session belongs to the first key that used it (`chat:owner:<session>`),
+//! a session belongs to the first key that used it (`chat:session:{<session>}:owner`),
 //! and another key gets `404` for it and for its requests; requests per
 //! minute and running streams are counted at admission; tokens per minute
 //! and the usage totals are added by the AI node when a request ends.
@@ -246,9 +246,12 @@ impl Keys {
     /// Admits `request_id` of `key` against its limits.
     pub async fn admit(&self, key: &Key, request_id: &str) -> Result<Result<(), Over>, RedisError> {
         let mut pipe = redis::pipe();
+        // One key declared (its running set) routes the script to the key's
+        // slot on a cluster; the others share its hash tag.
         pipe.cmd("EVAL")
             .arg(ADMIT)
-            .arg(0)
+            .arg(1)
+            .arg(chat_wire::keys::key_running(&key.id))
             .arg(chat_wire::keys::key_prefix(&key.id))
             .arg(key.requests_per_minute)
             .arg(key.tokens_per_minute)
@@ -277,7 +280,8 @@ impl Keys {
         pipe.hgetall(chat_wire::keys::key_usage(&key.id))
             .cmd("EVAL")
             .arg(THIS_MINUTE)
-            .arg(0)
+            .arg(1)
+            .arg(chat_wire::keys::key_running(&key.id))
             .arg(chat_wire::keys::key_prefix(&key.id))
             .zcard(chat_wire::keys::key_running(&key.id));
         let (totals, (rpm, tpm), running): (HashMap<String, u64>, (u64, u64), u64) = self.redis.query(&pipe).await?;

@@ -294,7 +294,7 @@ async fn an_sse_reader_too_slow_gets_a_last_error_and_resumes_the_rest() {
     let client = redis::Client::open(redis.as_str()).unwrap();
     let ended = eventually(Duration::from_secs(60), || {
         let client = client.clone();
-        let key = format!("chat:req:{request_id}:claim");
+        let key = chat_wire::keys::request_claim(&request_id);
         async move {
             let mut conn = client.get_multiplexed_async_connection().await.unwrap();
             let ended: Option<u64> = redis::cmd("HGET").arg(key).arg("ended").query_async(&mut conn).await.unwrap();

@@ -182,13 +182,13 @@ async fn choose_backplane(args: &Args) -> anyhow::Result<(Backplane, String)> {
     Ok((embedded(), "embedded in-process bus (no Redis found)".into()))
 }
 
+/// Whether Redis (or a Redis Cluster, `redis+cluster://...`) answers a PING.
 async fn redis_answers(url: &str) -> bool {
-    let Ok(client) = redis::Client::open(url) else { return false };
-    let ping = async {
-        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-        redis::cmd("PING").query_async::<String>(&mut conn).await.ok()
-    };
-    matches!(tokio::time::timeout(Duration::from_secs(1), ping).await, Ok(Some(_)))
+    let second = Duration::from_secs(1);
+    let Ok(redis) = chat_wire::redis_conn::RedisConn::new(url, second, second) else { return false };
+    let mut pipe = redis::pipe();
+    pipe.cmd("PING");
+    redis.query::<(String,)>(&pipe).await.is_ok()
 }
 
 /// Waits until the proxy passes `/health` to a backend and every backend

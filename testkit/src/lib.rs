@@ -6,6 +6,10 @@
 //! Every process logs to a file in its own temporary directory; when a test
 //! panics, the tail of each log is printed so the failure explains itself.
 
+mod redis_cluster;
+
+pub use redis_cluster::OwnRedisCluster;
+
 use chat_wire::{Event, EventKind};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -925,16 +929,23 @@ impl Backend {
 
 /// Every stored event of a request, in stream order, read straight from
 /// Redis (no reader follows it, so nothing touches the request).
+/// A cluster URL (`redis+cluster://...`) reads from the slot's master.
 pub async fn stored_events(redis_url: &str, request_id: &str) -> Vec<Event> {
-    let client = redis::Client::open(redis_url).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(chat_wire::keys::request_stream(request_id))
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let mut xrange = redis::cmd("XRANGE");
+    xrange.arg(chat_wire::keys::request_stream(request_id)).arg("-").arg("+");
+    type Entries = Vec<(String, Vec<(String, String)>)>;
+    let entries: Entries = match chat_wire::redis_conn::cluster_nodes(redis_url) {
+        Some(nodes) => {
+            let client = redis::cluster::ClusterClient::new(nodes).unwrap();
+            let mut conn = client.get_async_connection().await.unwrap();
+            xrange.query_async(&mut conn).await.unwrap()
+        }
+        None => {
+            let client = redis::Client::open(redis_url).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            xrange.query_async(&mut conn).await.unwrap()
+        }
+    };
     entries
         .into_iter()
         .map(|(_, fields)| {

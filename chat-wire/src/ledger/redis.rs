@@ -1,8 +1,10 @@
 //! The ledger in Redis: the Lua scripts and the reads, one per operation of
 //! [`Ledger`]. Every key is built by `crate::keys`; nothing outside this file
-//! sends Redis commands for the ledger. A Redis Cluster implementation slots
-//! in beside this one: the same scripts, with the keys of one request in one
-//! hash slot, behind the same trait.
+//! sends Redis commands for the ledger. The same code runs on one Redis and
+//! on a Redis Cluster: each script touches the keys of one request (one hash
+//! slot, see `keys`); on a cluster, publishing an event on its session's
+//! shard channel and charging an API key happen after the script, in their
+//! own slots.
 
 use super::{Cancel, Emitted, Fence, Ledger, Page, Renewal, RequestRecord, NO_PRODUCER};
 use crate::redis_conn::{RedisConn, RedisError};
@@ -41,11 +43,10 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
 return 3
 ";
 
+/// Marks one request as followed now (one script per request, so on a
+/// cluster each goes to its own slot).
 const TOUCH: &str = r"
-local now = redis.call('TIME')[1]
-for _, k in ipairs(KEYS) do
-  if redis.call('EXISTS', k) == 1 then redis.call('HSET', k, 'followed', now) end
-end
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'followed', redis.call('TIME')[1]) end
 return 1
 ";
 
@@ -73,36 +74,75 @@ end
 return 1
 ";
 
-const EMIT: &str = r"
+/// Charges an API key for one ended request: `KEYS[1]` its usage hash,
+/// `ARGV[1]` its name prefix (`keys::key_prefix`, every name in the key's
+/// slot), prompt and completion tokens, the request id. A Lua function body,
+/// called by `EMIT` on one Redis and on its own (`CHARGE`) on a cluster,
+/// where the key's slot is not the request's.
+const CHARGE_BODY: &str = r"
+local function charge(usage, base, p, q, request_id)
+  redis.call('HINCRBY', usage, 'requests', 1)
+  redis.call('HINCRBY', usage, 'prompt_tokens', p)
+  redis.call('HINCRBY', usage, 'completion_tokens', q)
+  local tpm = base .. ':tpm:' .. math.floor(tonumber(redis.call('TIME')[1]) / 60)
+  redis.call('INCRBY', tpm, p + q)
+  redis.call('EXPIRE', tpm, 120)
+  redis.call('ZREM', base .. ':running', request_id)
+end
+";
+
+/// Stores one event if its producer still owns the request and its `seq`
+/// follows. Returns `{code, owner}`: 1 stored, 4 it was the last stored
+/// event already (the producer's retry after a lost reply), 0 or 2 fenced,
+/// 3 cancelled; `owner` is the API key to charge when a terminal event was
+/// stored. With `ARGV[12] == '1'` (one Redis) it also publishes the event and
+/// charges the key, all in one step; on a cluster the caller does both, in
+/// the session's and the key's slots.
+static EMIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    CHARGE_BODY.to_owned()
+        + r"
+local inline = ARGV[12] == '1'
 local c = redis.call('HMGET', KEYS[1], 'epoch', 'node', 'ended', 'last', 'cancelled', 'owner')
-if not c[1] or tonumber(c[1]) ~= tonumber(ARGV[1]) or c[2] ~= ARGV[7] then return 0 end
+if not c[1] or tonumber(c[1]) ~= tonumber(ARGV[1]) or c[2] ~= ARGV[7] then return {0, ''} end
 local last = tonumber(c[4] or '0')
-if tonumber(ARGV[2]) == last then return 1 end
-if c[3] then return 0 end
-if tonumber(ARGV[2]) ~= last + 1 then return 2 end
-if c[5] and ARGV[8] ~= '1' then return 3 end
+if tonumber(ARGV[2]) == last then return {4, ''} end
+if c[3] then return {0, ''} end
+if tonumber(ARGV[2]) ~= last + 1 then return {2, ''} end
+if c[5] and ARGV[8] ~= '1' then return {3, ''} end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], ARGV[2] .. '-0', 'seq', ARGV[2], 'event', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('HSET', KEYS[1], 'last', ARGV[2])
+local owner = ''
 if ARGV[8] == '1' then
   redis.call('HSET', KEYS[1], 'ended', ARGV[2])
   redis.call('DEL', KEYS[3])
   -- The key that started the request is charged its tokens, and the
   -- request stops counting among its running ones (names: keys::key_prefix).
   if c[6] and c[6] ~= '' then
-    local base = 'chat:key:' .. c[6]
-    local p, q = tonumber(ARGV[9]), tonumber(ARGV[10])
-    redis.call('HINCRBY', base .. ':usage', 'requests', 1)
-    redis.call('HINCRBY', base .. ':usage', 'prompt_tokens', p)
-    redis.call('HINCRBY', base .. ':usage', 'completion_tokens', q)
-    local tpm = base .. ':tpm:' .. math.floor(tonumber(redis.call('TIME')[1]) / 60)
-    redis.call('INCRBY', tpm, p + q)
-    redis.call('EXPIRE', tpm, 120)
-    redis.call('ZREM', base .. ':running', ARGV[11])
+    owner = c[6]
+    if inline then
+      local base = 'chat:key:{' .. owner .. '}'
+      charge(base .. ':usage', base, tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11])
+    end
   end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[6])
-redis.call('PUBLISH', ARGV[4], ARGV[3])
+if inline then redis.call('PUBLISH', ARGV[4], ARGV[3]) end
+return {1, owner}
+"
+});
+
+/// `CHARGE_BODY` on its own, for a cluster.
+static CHARGE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    CHARGE_BODY.to_owned() + "charge(KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4])\nreturn 1\n"
+});
+
+/// Appends turns to a session's history, keeps the last `ARGV[1]`, sets its
+/// life to `ARGV[2]` seconds (one key, so one slot: no `MULTI` needed).
+const REMEMBER: &str = r"
+for i = 3, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 ";
 
@@ -139,15 +179,47 @@ impl RedisLedger {
         args: Vec<String>,
     ) -> Result<T, RedisError> {
         let mut pipe = redis::pipe();
-        let cmd = pipe.cmd("EVAL").arg(source).arg(keys.len());
-        for k in keys {
-            cmd.arg(k);
-        }
-        for a in args {
-            cmd.arg(a);
-        }
+        eval(&mut pipe, source, keys, args);
         let (value,): (T,) = conn.query(&pipe).await?;
         Ok(value)
+    }
+
+    /// On a cluster, what `EMIT` leaves to the caller: publish the event on
+    /// the session's shard channel, and charge the key that owns an ended
+    /// request. Should this process stop between `EMIT` and here, the event
+    /// is stored but not pushed: readers find it by their gap filling or
+    /// stall polling; the charge is then missed (a key is undercharged, never
+    /// charged twice).
+    async fn after_emit(&self, session_id: &str, event: &Event, owner: &str) -> Result<(), RedisError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SPUBLISH").arg(keys::session_channel(session_id)).arg(event.to_json()).ignore();
+        if !owner.is_empty() {
+            let usage = event.usage.unwrap_or_default();
+            eval(
+                &mut pipe,
+                &CHARGE,
+                &[keys::key_usage(owner)],
+                vec![
+                    keys::key_prefix(owner),
+                    usage.prompt_tokens.to_string(),
+                    usage.completion_tokens.to_string(),
+                    event.request_id.clone(),
+                ],
+            );
+            pipe.ignore();
+        }
+        self.conn.query::<()>(&pipe).await
+    }
+}
+
+/// Adds `EVAL source numkeys keys... args...` to `pipe`.
+fn eval(pipe: &mut redis::Pipeline, source: &str, keys: &[String], args: Vec<String>) {
+    let cmd = pipe.cmd("EVAL").arg(source).arg(keys.len());
+    for k in keys {
+        cmd.arg(k);
+    }
+    for a in args {
+        cmd.arg(a);
     }
 }
 
@@ -237,9 +309,12 @@ impl Ledger for RedisLedger {
         if request_ids.is_empty() {
             return Ok(());
         }
-        let conn = &self.conn;
-        let keys: Vec<String> = request_ids.iter().map(|id| keys::request_claim(id)).collect();
-        Self::script::<i64>(conn, TOUCH, &keys, Vec::new()).await.map(|_| ())
+        let mut pipe = redis::pipe();
+        for id in request_ids {
+            eval(&mut pipe, TOUCH, &[keys::request_claim(id)], Vec::new());
+            pipe.ignore();
+        }
+        self.conn.query::<()>(&pipe).await
     }
 
     async fn emit(&self, session_id: &str, event: &Event) -> Result<Emitted, RedisError> {
@@ -258,14 +333,23 @@ impl Ledger for RedisLedger {
             event.usage.map_or(0, |u| u.prompt_tokens).to_string(),
             event.usage.map_or(0, |u| u.completion_tokens).to_string(),
             event.request_id.clone(),
+            if conn.is_cluster() { "" } else { "1" }.to_owned(),
         ];
         let keys = [
             keys::request_claim(&event.request_id),
             keys::request_stream(&event.request_id),
             keys::request_lease(&event.request_id),
         ];
-        Ok(match Self::script::<i64>(conn, EMIT, &keys, args).await? {
-            1 => Emitted::Published,
+        let (code, owner): (i64, String) = Self::script(conn, &EMIT, &keys, args).await?;
+        Ok(match code {
+            1 | 4 => {
+                if conn.is_cluster() {
+                    // A retry (4) publishes again: the first attempt may have
+                    // stopped before it; readers drop a repeated seq.
+                    self.after_emit(session_id, event, &owner).await?;
+                }
+                Emitted::Published
+            }
             3 => Emitted::Cancelled,
             _ => Emitted::Fenced,
         })
@@ -329,17 +413,9 @@ impl Ledger for RedisLedger {
         keep: usize,
         ttl: Duration,
     ) -> Result<(), RedisError> {
-        let conn = &self.conn;
-        let key = keys::session_history(session_id);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .rpush(&key, items)
-            .ignore()
-            .ltrim(&key, -(keep as isize), -1)
-            .ignore()
-            .expire(&key, ttl.as_secs() as i64)
-            .ignore();
-        conn.query::<()>(&pipe).await
+        let mut args = vec![keep.max(1).to_string(), ttl.as_secs().max(1).to_string()];
+        args.extend(items);
+        Self::script::<i64>(&self.conn, REMEMBER, &[keys::session_history(session_id)], args).await.map(|_| ())
     }
 
     async fn ping(&self) -> Result<(), RedisError> {

@@ -9,7 +9,8 @@ use std::time::Duration;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisFile {
-    /// `redis://`, `rediss://` or `unix://`.
+    /// `redis://`, `rediss://` or `unix://`; a Redis Cluster as
+    /// `redis+cluster://host:port,host:port` (some of its nodes).
     #[serde(default = "default_url")]
     pub url: Spanned<String>,
     /// Deadline of one connection attempt.
@@ -52,7 +53,7 @@ impl RedisFile {
 
     /// Checks the section.
     pub fn check(&self, c: &mut Checker<'_>) -> RedisSettings {
-        c.url_with_scheme("redis.url", &self.url, &["redis://", "rediss://", "unix://"]);
+        c.url_with_scheme("redis.url", &self.url, &["redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://"]);
         RedisSettings {
             url: self.url.get_ref().clone(),
             connect_timeout: c.positive_ms("redis.connect_timeout", &self.connect_timeout, &self.connect_timeout_ms),
