@@ -39,6 +39,7 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(guarded)
         .route("/ws/chat", get(ws::upgrade))
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/", get(page))
         .fallback(service_kit::http::not_found)
         .layer(DefaultBodyLimit::max(app.config.max_body_bytes))
@@ -202,6 +203,24 @@ async fn health(State(app): State<Arc<App>>) -> Response {
         "sessions": app.hub.sessions(),
     });
     let status = if draining { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    (status, Json(body)).into_response()
+}
+
+/// Readiness: 200 while the event store answers and the backend is not
+/// draining, else 503 with the reason (for a proxy's health checks).
+async fn ready(State(app): State<Arc<App>>) -> Response {
+    let draining = app.draining.load(Ordering::Relaxed);
+    let store = app.readiness.is_ready();
+    let (status, reason) = match (draining, store) {
+        (true, _) => (StatusCode::SERVICE_UNAVAILABLE, Some("draining")),
+        (false, false) => (StatusCode::SERVICE_UNAVAILABLE, Some("the event store is unreachable")),
+        (false, true) => (StatusCode::OK, None),
+    };
+    let body = json!({
+        "status": if reason.is_some() { "unready" } else { "ready" },
+        "backend_id": app.config.backend_id,
+        "reason": reason,
+    });
     (status, Json(body)).into_response()
 }
 

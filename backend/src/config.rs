@@ -127,6 +127,10 @@ pub struct StreamFile {
     pub stall_timeout: Spanned<String>,
     #[serde(default)]
     pub stall_timeout_ms: Old,
+    /// Sockets are closed (1012) once the event store has been unreachable
+    /// from here this long; `"0s"`: never.
+    #[serde(default = "d_10s")]
+    pub close_when_store_lost: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -249,6 +253,10 @@ pub struct Config {
     pub dispatch_deadline: Duration,
     /// A followed request with no event for this long is ended with `node_failed`.
     pub stall_timeout: Duration,
+    /// Sockets are closed with 1012 once the event store has been
+    /// unreachable this long (`None`: never), so their clients reconnect
+    /// through the proxy to a backend that reaches it, and resume.
+    pub close_when_store_lost: Option<Duration>,
     pub max_body_bytes: usize,
     pub max_frame_bytes: usize,
     pub session_rate_per_sec: f64,
@@ -415,6 +423,8 @@ fn check(f: FileConfig, mut c: Checker<'_>) -> Result<Config, ConfigError> {
         max_attempts: c.at_least("ai.max_attempts", &ai.max_attempts, 1),
         dispatch_deadline,
         stall_timeout,
+        close_when_store_lost: Some(c.duration("stream.close_when_store_lost", &stream.close_when_store_lost))
+            .filter(|d| !d.is_zero()),
         max_body_bytes: c.at_least("limits.max_body_bytes", &limits.max_body_bytes, 1024),
         max_frame_bytes: c.at_least("limits.max_frame_bytes", &limits.max_frame_bytes, 1024),
         session_rate_per_sec: c.within("limits.session_rate_per_sec", &limits.session_rate_per_sec, 1e-6, 1e6),

@@ -12,6 +12,7 @@ pub mod config;
 pub mod errors;
 pub mod follow;
 pub mod hub;
+pub mod readiness;
 pub mod keys;
 pub mod limits;
 pub mod metrics;
@@ -59,6 +60,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Set on shutdown: health answers 503, chats and new sockets are refused.
     pub draining: AtomicBool,
+    /// Whether the event store answers (`/ready`), and when sockets must move.
+    pub readiness: readiness::Readiness,
     /// Cancelled on shutdown: every socket sends a close frame and ends.
     pub shutdown: CancellationToken,
     /// The socket tasks, so shutdown can wait for their close frames.
@@ -116,6 +119,7 @@ impl App {
             limits,
             metrics,
             draining: AtomicBool::new(false),
+            readiness: Default::default(),
             shutdown: CancellationToken::new(),
             sockets: TaskTracker::new(),
             config,
@@ -132,7 +136,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (stop_checks, checks_stopped) = tokio::sync::watch::channel(false);
-    app.pool.spawn_background(checks_stopped);
+    app.pool.spawn_background(checks_stopped.clone());
+    let readiness = readiness::Readiness::spawn(app.clone(), checks_stopped);
     let pruner = {
         let app = app.clone();
         tokio::spawn(async move {
@@ -171,6 +176,7 @@ pub async fn run(
     stop_serving.cancel();
     let _ = stop_checks.send(true);
     pruner.abort();
+    readiness.abort();
     match tokio::time::timeout(app.config.shutdown_grace, server).await {
         Ok(joined) => joined.map_err(std::io::Error::other)?,
         Err(_) => Ok(()),

@@ -38,6 +38,8 @@ const MAX_STARTED: usize = 256;
 pub mod close {
     /// The server is going away (shutdown, idle client).
     pub const GOING_AWAY: u16 = 1001;
+    /// This backend lost its event store: reconnect (to another) and resume.
+    pub const SERVICE_RESTART: u16 = 1012;
     /// A frame larger than `limits.max_frame_bytes`.
     pub const TOO_BIG: u16 = 1009;
     /// The client read slower than its queue allows; it may reconnect and resume.
@@ -163,6 +165,7 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, caller: Cal
     let mut ping_tick = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     let mut last_heard = Instant::now();
     let shutdown = app.shutdown.clone();
+    let mut evacuation = app.readiness.evacuation();
 
     let close = loop {
         // Everything to send in this turn, in order.
@@ -266,6 +269,10 @@ async fn serve(app: Arc<App>, socket: WebSocket, session_id: String, caller: Cal
                 out.push(Outgoing::Ping);
             }
             _ = shutdown.cancelled() => break Some((close::GOING_AWAY, "server shutting down")),
+            // (The guard `wait_for` returns is dropped at once: it is not `Send`.)
+            _ = async { drop(evacuation.wait_for(|lost| *lost).await) } => {
+                break Some((close::SERVICE_RESTART, "this backend lost its event store; reconnect and resume"))
+            }
         }
         out.extend(reader.follower.take_notices().into_iter().map(Outgoing::from));
         if out.is_empty() {

@@ -194,3 +194,44 @@ async fn under_steady_load_a_killed_node_costs_no_chat_and_rejoins_after_its_hea
     let _ = revived.wait();
     assert!(nodes_seen.contains(&victim_url), "round-robin reaches the revived node again: {nodes_seen:?}");
 }
+
+#[tokio::test]
+async fn a_backend_that_loses_redis_is_unready_and_closes_its_sockets_with_1012_then_is_ready_again() {
+    let mut redis = OwnRedis::start_persistent();
+    let node = AiNode::start(&redis.url(), Pace::QUICK).await;
+    let backend = Backend::builder(&redis.url(), &[&node]).set("stream", "close_when_store_lost", "\"3s\"").start().await;
+    backend.wait_healthy_nodes(1).await;
+    let ready = || async { http().get(backend.url("/ready")).send().await.unwrap() };
+    let res = ready().await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<serde_json::Value>().await.unwrap()["status"], "ready");
+
+    let mut ws = Ws::connect(&backend, &unique("s")).await;
+    let accepted = ws.chat("hello").await;
+    assert_complete(&ws.until_end(&accepted.request_id).await, 1);
+
+    redis.stop();
+    let lost = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(10), || async { ready().await.status() == 503 }).await,
+        "/ready answers 503 once Redis is gone"
+    );
+    let body: serde_json::Value = ready().await.json().await.unwrap();
+    assert_eq!(body["status"], "unready", "{body}");
+    assert!(body["reason"].as_str().unwrap().contains("event store"), "{body}");
+    // Liveness is not readiness: the process is still up.
+    assert_eq!(http().get(backend.url("/health")).send().await.unwrap().status(), 200);
+
+    let close = ws.close_frame(Duration::from_secs(15)).await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1012, "{close:?}");
+    assert!(lost.elapsed() >= Duration::from_secs(2), "not before the store was lost for a while: {:?}", lost.elapsed());
+
+    redis.restart();
+    assert!(
+        eventually(Duration::from_secs(10), || async { ready().await.status() == 200 }).await,
+        "ready again once Redis answers"
+    );
+    let mut ws = Ws::connect(&backend, &unique("s")).await;
+    let accepted = ws.chat("back").await;
+    assert_complete(&ws.until_end(&accepted.request_id).await, 1);
+}
