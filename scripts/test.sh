@@ -3,7 +3,8 @@
 # On a fresh Debian machine with only the Rust toolchain it installs what the
 # build and the tests need, makes sure a Redis answers, runs every cargo test,
 # then each fuzz target for 10 s (scripts/fuzz.sh), then the browser test of
-# the chat page against a cluster it starts.
+# the chat page against a cluster it starts, then (as root) the several-hosts
+# test in network namespaces (scripts/multihost-test.sh).
 # Arguments go to `cargo test`; with any, the fuzzing and the browser test are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,6 +55,14 @@ grep -q "API keys        on" "$log" || { cat "$log"; echo "the cluster does not 
 key=$(REDIS_URL="$TEST_REDIS_URL" target/debug/backend new-key --id e2e-page 2>/dev/null)
 E2E_API_KEY="$key" scripts/e2e_page.sh "$url"
 REDIS_URL="$TEST_REDIS_URL" target/debug/backend revoke-key "$key" >/dev/null
+
+# Several hosts made of network namespaces (needs root; MULTIHOST=0 skips it).
+if [ "$(id -u)" = 0 ] && [ "${MULTIHOST:-1}" = 1 ]; then
+  echo "== several hosts: 2 proxies, 3 backends, 3 AI nodes, a Redis Cluster and a client in network namespaces"
+  scripts/multihost-test.sh
+else
+  echo "== several hosts: skipped (needs root; MULTIHOST=${MULTIHOST:-1})"
+fi
 
 # One closing line: the cargo tests' totals (the fuzz and page steps above
 # print their own; reaching this line means every step passed).
