@@ -146,9 +146,11 @@ context=$(mktemp -d "${TMPDIR:-/tmp}/chatproxy-image.XXXXXX")
 mkdir "$context/bin"
 cp "$bin_dir/ai-node" "$bin_dir/backend" "$bin_dir/proxy" "$context/bin/"
 cp -r conf "$context/conf"
-# The classic builder: BuildKit would want to fetch its frontend image.
-DOCKER_BUILDKIT=0 docker build -q -f Dockerfile.prebuilt --build-arg BASE="$BASE_IMAGE" -t "$IMAGE" "$context" >/dev/null
-rm -rf "$context"
+# The classic builder: BuildKit would want to fetch its frontend image. (It
+# says it is deprecated; its output is shown only when the build fails.)
+DOCKER_BUILDKIT=0 docker build -f Dockerfile.prebuilt --build-arg BASE="$BASE_IMAGE" -t "$IMAGE" "$context" \
+  >"$context.log" 2>&1 || { cat "$context.log"; echo "the image did not build" >&2; exit 1; }
+rm -rf "$context" "$context.log"
 
 # ------------------------------------------------------------- stack ----
 
@@ -163,6 +165,10 @@ URL=http://127.0.0.1:$PORT
 
 # compose ARGS...: docker-compose on this project.
 compose() { docker-compose -p "$PROJECT" -f docker-compose.yml "$@"; }
+
+# progress: docker-compose's output, indented, without the "... " lines it
+# prints before each "... done" when it has no terminal.
+progress() { { grep -v '\.\.\. *$' || true; } | sed 's/^/   /'; }
 
 finish() {
   local status=$?
@@ -187,7 +193,7 @@ trap finish EXIT
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/compose-test.XXXXXX")
 
 echo "== up: project $PROJECT, proxy published on $URL (status on 127.0.0.1:$STATUS_PORT)"
-compose up -d --no-build 2>&1 | sed 's/^/   /'
+compose up -d --no-build 2>&1 | progress
 
 # Keys are on in the compose file: issue one from a backend (which stores it
 # in Redis), retried until the backend's container answers.
@@ -330,7 +336,7 @@ else
 fi
 
 echo "== 4. docker-compose stop ai-1: chats still succeed"
-compose stop ai-1 2>&1 | sed 's/^/   /'
+compose stop ai-1 2>&1 | progress
 chats 9 stopped >"$tmp/stopped"
 accepted=$(awk '$1 == 202' "$tmp/stopped" | wc -l)
 spread=$(awk '$1 == 202 { print $2 }' "$tmp/stopped" | sort | uniq -c | awk '{ printf "%s x%s  ", $2, $1 }')
@@ -344,7 +350,7 @@ echo "== 5. docker-compose up -d --scale ai=2 ai: replicas join, nothing restart
 before=$(started_at backend-1 backend-2 backend-3 proxy ai-2 ai-3)
 healthy_before=$(healthy_urls)
 # --no-deps: Redis runs already; only the new replicas start.
-compose up -d --no-build --no-deps --scale ai=2 ai 2>&1 | sed 's/^/   /'
+compose up -d --no-build --no-deps --scale ai=2 ai 2>&1 | progress
 joined=
 for _ in $(seq 60); do
   joined=$(healthy_urls | grep -vxF "$healthy_before" || true)
