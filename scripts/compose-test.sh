@@ -168,7 +168,7 @@ compose() { docker-compose -p "$PROJECT" -f docker-compose.yml "$@"; }
 
 # progress: docker-compose's output, indented, without the "... " lines it
 # prints before each "... done" when it has no terminal.
-progress() { { grep -v '\.\.\. *$' || true; } | sed 's/^/   /'; }
+progress() { tr -d '\r' | { grep -v '\.\.\. *$' || true; } | sed 's/^/   /'; }
 
 finish() {
   local status=$?
