@@ -25,12 +25,30 @@ def ratio(a, b):
     return f"{a / b:.2f}" if b else "n/a"
 
 
+def medians(rows):
+    """One row per (mode, payload, concurrency, target): each figure the
+    median of its rounds (run.sh's HTTP_ROUNDS), errors summed."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["mode"], r["payload"], int(r["concurrency"]), r["target"]), []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        m = dict(rs[0])
+        for k in ("rps", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "cpu_s_per_100k"):
+            v = sorted(float(r[k]) for r in rs)
+            m[k] = str(v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2)
+        m["errors"] = str(sum(int(r["errors"]) for r in rs))
+        m["rounds"] = len(rs)
+        out[key] = m
+    return out
+
+
 def http_tables(rows):
     """One table per (mode, payload): each concurrency with proxy, nginx, direct and ratios."""
     # Issue 10's targets: keep-alive req/s >= nginx and CPU/request <= nginx;
     # new connection per request req/s >= 0.9x and CPU <= 1.2x; p99 <= 1.2x.
     out, targets = [], {"rps_ka": [], "cpu_ka": [], "rps_new": [], "cpu_new": [], "p99": []}
-    by = {(r["mode"], r["payload"], int(r["concurrency"]), r["target"]): r for r in rows}
+    by = medians(rows)
     cells = sorted({(r["mode"], r["payload"]) for r in rows}, key=lambda k: (k[0] != "keepalive", k[1]))
     for mode, payload in cells:
         title = {"get": "small GET /", "post4k": "4 KB POST /echo"}.get(payload, payload)
@@ -215,7 +233,7 @@ def main():
     idle, idle_runs = idle_table(raw)
     steady, steady_runs = steady_table(raw)
     micro = micro_table(raw)
-    images = plots(rows, ws_runs, out_dir)
+    images = plots(list(medians(rows).values()), ws_runs, out_dir)
 
     def verdict(ok):
         return "met" if ok else "**missed**"
@@ -278,7 +296,10 @@ def main():
         "",
         "wrk with 1-2 threads; one loopback client address, so both sticky policies (our per-IP ketama, "
         "nginx `ip_hash`) send everything to one backend, and *direct* (straight to that backend) is the ceiling. "
-        "CPU is user+system time of the front process(es) from `/proc/PID/stat`.",
+        "CPU is user+system time of the front process(es) from `/proc/PID/stat`. "
+        + (f"Each cell ran {max(int(r.get('round') or 1) for r in rows)} rounds, ours and nginx alternating "
+           "(who goes first rotates); every figure below is the median of its rounds (raw rounds in `raw/http.csv`)."
+           if rows and max(int(r.get('round') or 1) for r in rows) > 1 else ""),
         *(["", "![HTTP](http.png)"] if "http.png" in images else []),
         *http,
         "",

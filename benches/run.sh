@@ -11,6 +11,9 @@
 #   WORKERS [2]         proxy threads = nginx worker_processes
 #   CONCURRENCIES       HTTP client connections [1 16 64 256]
 #   HTTP_SECS [5]       seconds per HTTP cell (after a 1 s warm-up)
+#   HTTP_ROUNDS [3]     rounds of every HTTP cell for our proxy and nginx,
+#                       alternating; the report takes each figure's median
+#                       (direct, the ceiling, runs once)
 #   WS_SESSIONS         concurrent streams per WebSocket cell [100 1000 3000]
 #   WS_STEADY_SESSIONS  the same with starts spread over one chunk interval [1000]
 #   IDLE_COUNT [10000]  idle WebSockets to open
@@ -36,12 +39,14 @@ OUT=${OUT:-$ROOT/benches/results}
 if [[ $FULL == 1 ]]; then
     CONCURRENCIES=${CONCURRENCIES:-1 16 64 256}
     HTTP_SECS=${HTTP_SECS:-5}
+    HTTP_ROUNDS=${HTTP_ROUNDS:-3}
     WS_SESSIONS=${WS_SESSIONS:-100 1000 3000}
     WS_STEADY_SESSIONS=${WS_STEADY_SESSIONS:-1000}
     IDLE_COUNT=${IDLE_COUNT:-10000}
 else
     CONCURRENCIES=${CONCURRENCIES:-1 64}
     HTTP_SECS=${HTTP_SECS:-2}
+    HTTP_ROUNDS=${HTTP_ROUNDS:-1}
     WS_SESSIONS=${WS_SESSIONS:-100}
     WS_STEADY_SESSIONS=${WS_STEADY_SESSIONS:-100}
     IDLE_COUNT=${IDLE_COUNT:-1000}
@@ -173,16 +178,22 @@ http_part() {
     sleep 0.5
     local nginx_all; nginx_all=$(nginx_pids "$nginx")
     local csv=$RAW/http.csv
-    echo "mode,payload,concurrency,target,rps,p50_ms,p90_ms,p99_ms,p999_ms,errors,requests,cpu_s,cpu_s_per_100k" >"$csv"
-    local order=(proxy nginx direct) rot=0
-    for mode in keepalive close; do
-        for payload in get post4k; do
-            for c in $CONCURRENCIES; do
-                # Rotate who goes first so drift in the machine's load is shared.
-                local targets=("${order[@]:rot}" "${order[@]:0:rot}")
-                rot=$(((rot + 1) % 3))
-                for target in "${targets[@]}"; do
-                    http_cell "$mode" "$payload" "$c" "$target" "$proxy" "$nginx_all" >>"$csv"
+    echo "mode,payload,concurrency,target,rps,p50_ms,p90_ms,p99_ms,p999_ms,errors,requests,cpu_s,cpu_s_per_100k,round" >"$csv"
+    local rot=0 round
+    for round in $(seq "$HTTP_ROUNDS"); do
+        [[ $HTTP_ROUNDS -gt 1 ]] && log "HTTP round $round of $HTTP_ROUNDS"
+        for mode in keepalive close; do
+            for payload in get post4k; do
+                for c in $CONCURRENCIES; do
+                    # Rotate who goes first so drift in the machine's load is shared.
+                    local order=(proxy nginx)
+                    [[ $round == 1 ]] && order+=(direct)
+                    local n=${#order[@]} r=$((rot % ${#order[@]}))
+                    local targets=("${order[@]:r}" "${order[@]:0:r}")
+                    rot=$((rot + 1))
+                    for target in "${targets[@]}"; do
+                        http_cell "$mode" "$payload" "$c" "$target" "$proxy" "$nginx_all" "$round" >>"$csv"
+                    done
                 done
             done
         done
@@ -190,8 +201,8 @@ http_part() {
     stop "$proxy" "$nginx" "${bpids[@]}"
 }
 
-http_cell() { # mode payload concurrency target proxy_pid nginx_pids
-    local mode=$1 payload=$2 c=$3 target=$4 proxy=$5 nginx_all=$6
+http_cell() { # mode payload concurrency target proxy_pid nginx_pids round
+    local mode=$1 payload=$2 c=$3 target=$4 proxy=$5 nginx_all=$6 round=${7:-1}
     local port pids path=/ body=0 extra=()
     case $target in
         proxy) port=18080; pids=$proxy ;;
@@ -206,7 +217,7 @@ http_cell() { # mode payload concurrency target proxy_pid nginx_pids
     local before after
     # shellcheck disable=SC2086
     before=$(cpu_ticks $pids)
-    local outf=$RAW/wrk-$mode-$payload-c$c-$target.txt
+    local outf=$RAW/wrk-$mode-$payload-c$c-$target-r$round.txt
     WRK_BODY_BYTES=$body on_cpu 0 timeout $((HTTP_SECS + 30)) wrk -t"$threads" -c"$c" -d"${HTTP_SECS}s" \
         --timeout 10s -s benches/wrk/report.lua "${extra[@]}" "$url" >"$outf" 2>&1 || true
     # shellcheck disable=SC2086
@@ -214,12 +225,13 @@ http_cell() { # mode payload concurrency target proxy_pid nginx_pids
     local json; json=$(grep '^WRK_JSON ' "$outf" | sed 's/^WRK_JSON //' || true)
     if [[ -z $json ]]; then
         log "  $mode $payload c=$c $target: wrk gave no result (see $outf)"
-        echo "$mode,$payload,$c,$target,0,0,0,0,0,0,0,0,0"
+        echo "$mode,$payload,$c,$target,0,0,0,0,0,0,0,0,0,$round"
         return
     fi
-    python3 - "$json" "$mode" "$payload" "$c" "$target" $((after - before)) "$CLK_TCK" "$HTTP_SECS" <<'PY'
+    python3 - "$json" "$mode" "$payload" "$c" "$target" $((after - before)) "$CLK_TCK" "$HTTP_SECS" "$round" <<'PY'
 import json, sys
 j = json.loads(sys.argv[1]); mode, payload, c, target = sys.argv[2:6]
+rnd = sys.argv[9]
 ticks, hz = int(sys.argv[6]), int(sys.argv[7])
 secs = j["duration_us"] / 1e6
 reqs = j["requests"]
@@ -228,7 +240,7 @@ cpu = ticks / hz
 per100k = cpu / reqs * 1e5 if reqs and target != "direct" else 0
 l = j["latency_us"]
 ms = lambda k: l[k] / 1000
-print(f"{mode},{payload},{c},{target},{reqs/secs:.0f},{ms('p50'):.3f},{ms('p90'):.3f},{ms('p99'):.3f},{ms('p999'):.3f},{errors},{reqs},{cpu:.2f},{per100k:.3f}")
+print(f"{mode},{payload},{c},{target},{reqs/secs:.0f},{ms('p50'):.3f},{ms('p90'):.3f},{ms('p99'):.3f},{ms('p999'):.3f},{errors},{reqs},{cpu:.2f},{per100k:.3f},{rnd}")
 print(f"  {mode:9} {payload:6} c={c:<4} {target:6} {reqs/secs:9.0f} req/s  p99 {ms('p99'):7.2f} ms  cpu/100k {per100k:6.2f} s  errors {errors}", file=sys.stderr)
 PY
 }

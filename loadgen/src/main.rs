@@ -53,6 +53,20 @@ enum Command {
         #[arg(long)]
         no_progress: bool,
     },
+    /// The backplane alone: events per second through the ledger's EMIT
+    /// script on one Redis (with its CPU) or a Redis Cluster.
+    Ledger {
+        /// redis://host:port or redis+cluster://host:port,...
+        #[arg(long, default_value = "redis://127.0.0.1:6379")]
+        redis: String,
+        /// Requests producing at once (one event in flight each).
+        #[arg(long, default_value_t = 64)]
+        producers: usize,
+        #[arg(long, default_value_t = 5)]
+        secs: u64,
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// Idle WebSockets: how many stay open, memory per socket.
     Idle {
         /// ws://host:port/ws/chat
@@ -137,6 +151,16 @@ fn main() -> anyhow::Result<()> {
                     start_spread: Duration::from_millis(spread_ms),
                     run_id: run_id(),
                     progress: !no_progress,
+                })
+                .await?;
+                write_report(&report, out.as_deref())
+            }
+            Command::Ledger { redis, producers, secs, out } => {
+                let report = loadgen::ledger::run(loadgen::ledger::LedgerConfig {
+                    redis_url: redis,
+                    producers,
+                    duration: Duration::from_secs(secs),
+                    run_id: run_id(),
                 })
                 .await?;
                 write_report(&report, out.as_deref())
