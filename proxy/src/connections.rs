@@ -17,7 +17,7 @@ use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 
 use crate::h1::{Lean, Served};
-use crate::State;
+use crate::{proxy_protocol, sticky, State};
 
 /// Marks that a request's header has been read, so the deadline no longer
 /// applies. Handed to the proxy through the session's connection context;
@@ -79,7 +79,7 @@ impl<A> ServerApp for Connections<A>
 where
     A: HttpServerApp + Send + Sync + 'static,
 {
-    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+    async fn process_new(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         let state = &self.requests.state;
         state.stats.accepts.fetch_add(1, Ordering::Relaxed);
         state.metrics.connections_accepted.inc();
@@ -93,11 +93,32 @@ where
             return None;
         }
         state.stats.handled.fetch_add(1, Ordering::Relaxed);
+        let plain = stream.get_ssl_digest().is_none();
+        // A trusted balancer's connection starts with the PROXY protocol
+        // header naming the client; the bytes after it start the request.
+        let mut prefix = BytesMut::new();
+        let from_balancer = !state.config.client.proxy_protocol_from.is_empty()
+            && plain
+            && stream
+                .get_socket_digest()
+                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
+                .is_some_and(|ip| sticky::is_trusted(ip, &state.config.client.proxy_protocol_from));
+        if from_balancer {
+            match proxy_protocol::accept(&mut stream, state.config.client.header_timeout).await {
+                Ok((_client, rest)) => prefix = rest,
+                Err(e) => {
+                    state.metrics.rejected.with_label_values(&["proxy_protocol"]).inc();
+                    log::info!("closing a connection from a PROXY protocol peer: {e}");
+                    return None;
+                }
+            }
+        }
         let out = match &self.lean {
-            Some(lean) if stream.get_ssl_digest().is_none() => match lean.serve(stream, shutdown).await {
+            Some(lean) if plain => match lean.serve(stream, prefix, shutdown).await {
                 Served::Done => None,
                 Served::Elsewhere(stream, prefix) => self.requests.serve_http1(stream, prefix, shutdown).await,
             },
+            _ if !prefix.is_empty() => self.requests.serve_http1(stream, prefix, shutdown).await,
             _ => self.requests.process_new(stream, shutdown).await,
         };
         drop(guard);

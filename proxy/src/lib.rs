@@ -14,6 +14,7 @@ pub mod h1;
 pub mod health;
 pub mod limits;
 pub mod metrics;
+pub mod proxy_protocol;
 pub mod reload;
 pub mod signals;
 pub mod status;

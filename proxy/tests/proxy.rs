@@ -719,3 +719,60 @@ async fn the_readme_upgrade_steps_work_for_a_daemon() {
 fn signals_listener(dir: &std::path::Path) -> bool {
     proxy::signals::someone_listens_on(dir.join("upgrade.sock").to_str().unwrap())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_from_a_trusted_balancer_names_the_client_and_is_required_of_it() {
+    let backends = three_backends();
+    let options = ProxyOptions { client: "proxy_protocol_from = [\"127.0.0.2/32\"]\n".into(), ..Default::default() };
+    let proxy = Proxy::start(&addrs(&backends), options).await;
+    let balancer: IpAddr = "127.0.0.2".parse().unwrap();
+    let limit = Duration::from_secs(5);
+    let request = b"GET /api/headers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let v1 = |client: &str| {
+        let mut raw = format!("PROXY TCP4 {client} 10.0.0.1 40000 8080\r\n").into_bytes();
+        raw.extend_from_slice(request);
+        raw
+    };
+
+    // Version 1: the named client is the client for the forwarding headers
+    // and for sticky routing (the balancer's many clients spread out, each
+    // one staying on its backend).
+    let mut spread = HashSet::new();
+    for i in 0..30 {
+        let client = format!("198.51.{i}.7");
+        let first = parse_response(&raw_exchange(balancer, proxy.public, &v1(&client), limit).await.unwrap()).unwrap();
+        assert_eq!(first.status, 200, "{}", first.body);
+        assert_eq!(first.json()["x_real_ip"], client.as_str());
+        assert_eq!(first.json()["x_forwarded_for"], client.as_str());
+        let again = parse_response(&raw_exchange(balancer, proxy.public, &v1(&client), limit).await.unwrap()).unwrap();
+        assert_eq!(again.backend(), first.backend(), "the same client stays on its backend");
+        spread.insert(first.backend());
+    }
+    assert!(spread.len() > 1, "the balancer's clients all went to one backend");
+
+    // Version 2 (binary), as Docker's userland proxy or a cloud balancer sends it.
+    let mut raw = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    raw.extend([0x21, 0x11, 0, 12, 203, 0, 113, 5, 10, 0, 0, 1, 0x9C, 0x40, 0x1F, 0x90]);
+    raw.extend_from_slice(request);
+    let r = parse_response(&raw_exchange(balancer, proxy.public, &raw, limit).await.unwrap()).unwrap();
+    assert_eq!(r.json()["x_real_ip"], "203.0.113.5");
+
+    // `UNKNOWN` (the balancer's own check): served as the balancer.
+    let mut raw = b"PROXY UNKNOWN\r\n".to_vec();
+    raw.extend_from_slice(request);
+    let r = parse_response(&raw_exchange(balancer, proxy.public, &raw, limit).await.unwrap()).unwrap();
+    assert_eq!(r.json()["x_real_ip"], "127.0.0.2");
+
+    // From the balancer, a request without the header is closed unanswered.
+    let refused = proxy.metric("proxy_rejected_total{reason=\"proxy_protocol\"}").await;
+    let raw = raw_exchange(balancer, proxy.public, request, limit).await.unwrap_or_default();
+    assert!(raw.is_empty(), "answered: {}", String::from_utf8_lossy(&raw));
+    assert_eq!(proxy.metric("proxy_rejected_total{reason=\"proxy_protocol\"}").await, refused + 1);
+
+    // From anyone else a PROXY line is not believed: it is a bad request.
+    let other: IpAddr = "127.0.0.3".parse().unwrap();
+    let raw = raw_exchange(other, proxy.public, &v1("198.51.100.1"), limit).await.unwrap();
+    let r = parse_response(&raw).unwrap();
+    assert!((400..500).contains(&r.status), "{}", r.status);
+    assert_ne!(r.body.contains("198.51.100.1"), true);
+}

@@ -69,13 +69,18 @@ pub(super) fn check(source: &Source, overrides: &Overrides) -> Result<Config, Co
         tls,
     };
 
-    let mut trusted_proxies = Vec::new();
-    for (i, cidr) in raw.client.trusted_proxies.iter().enumerate() {
-        match cidr.get_ref().parse::<Cidr>() {
-            Ok(net) => trusted_proxies.push(net),
-            Err(reason) => c.problem(&format!("client.trusted_proxies[{i}]"), cidr, reason),
+    let mut cidrs = |key: &str, list: &[Spanned<String>]| {
+        let mut nets = Vec::new();
+        for (i, cidr) in list.iter().enumerate() {
+            match cidr.get_ref().parse::<Cidr>() {
+                Ok(net) => nets.push(net),
+                Err(reason) => c.problem(&format!("{key}[{i}]"), cidr, reason),
+            }
         }
-    }
+        nets
+    };
+    let trusted_proxies = cidrs("client.trusted_proxies", &raw.client.trusted_proxies);
+    let proxy_protocol_from = cidrs("client.proxy_protocol_from", &raw.client.proxy_protocol_from);
     let header_bytes = &raw.client.max_header_bytes;
     if !(MIN_HEADER_BYTES..=1 << 20).contains(header_bytes.get_ref()) {
         let why = format!("must be between {MIN_HEADER_BYTES} and {} bytes", 1 << 20);
@@ -90,6 +95,7 @@ pub(super) fn check(source: &Source, overrides: &Overrides) -> Result<Config, Co
     }
     let client = ClientSettings {
         trusted_proxies,
+        proxy_protocol_from,
         header_timeout: c.positive_duration("client.header_timeout", &raw.client.header_timeout),
         body_timeout: c.positive_duration("client.body_timeout", &raw.client.body_timeout),
         keepalive_timeout: c.duration("client.keepalive_timeout", &raw.client.keepalive_timeout),

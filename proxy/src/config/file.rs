@@ -105,6 +105,10 @@ pub struct FileClient {
     /// CIDRs whose `X-Forwarded-For` / `X-Real-IP` are believed.
     #[serde(default)]
     pub trusted_proxies: Vec<Spanned<String>>,
+    /// CIDRs whose connections must start with a PROXY protocol header
+    /// (v1 or v2), whose source address is then the client's.
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<Spanned<String>>,
     /// Whole request header must arrive within this.
     #[serde(default = "default_header_timeout")]
     pub header_timeout: Spanned<String>,
@@ -354,6 +358,7 @@ impl Default for FileClient {
     fn default() -> Self {
         Self {
             trusted_proxies: Vec::new(),
+            proxy_protocol_from: Vec::new(),
             header_timeout: default_header_timeout(),
             body_timeout: default_body_timeout(),
             keepalive_timeout: default_keepalive_timeout(),

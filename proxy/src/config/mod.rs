@@ -101,6 +101,9 @@ pub struct TlsListener {
 pub struct ClientSettings {
     /// Peers whose forwarding headers are believed.
     pub trusted_proxies: Vec<Cidr>,
+    /// Peers whose connections start with a PROXY protocol header (v1 or
+    /// v2) naming the client; a connection from one without it is closed.
+    pub proxy_protocol_from: Vec<Cidr>,
     /// Deadline for a whole request header.
     pub header_timeout: Duration,
     /// Longest pause while reading a body.

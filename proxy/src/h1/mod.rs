@@ -166,15 +166,16 @@ impl Lean {
         Self { state, pool }
     }
 
-    /// Serves a plain-HTTP client connection.
-    pub async fn serve(&self, stream: Stream, shutdown: &ShutdownWatch) -> Served {
+    /// Serves a plain-HTTP client connection whose first bytes, if any,
+    /// were read already (`prefix`: what followed a PROXY protocol header).
+    pub async fn serve(&self, stream: Stream, prefix: BytesMut, shutdown: &ShutdownWatch) -> Served {
         let peer = stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
             .unwrap_or(IpAddr::from([0, 0, 0, 0]));
         let mut conn = Conn {
             stream,
-            buf: BytesMut::with_capacity(MIN_READ),
+            buf: if prefix.is_empty() { BytesMut::with_capacity(MIN_READ) } else { prefix },
             up: BytesMut::new(),
             out: Vec::new(),
             peer,
