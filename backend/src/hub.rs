@@ -200,19 +200,7 @@ impl Hub {
         let mut backoff = Duration::from_millis(50);
         let mut first = true;
         loop {
-            let pubsub = match tokio::time::timeout(PUBSUB_TIMEOUT, client.get_async_pubsub()).await {
-                Ok(Ok(p)) => p,
-                failed => {
-                    let why = match failed {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => "timed out".into(),
-                    };
-                    log::warn!("pub/sub connection failed, retrying in {backoff:?}: {why}");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                    continue;
-                }
-            };
+            let pubsub = connect_until("pub/sub", &mut backoff, || client.get_async_pubsub()).await;
             let (mut sink, mut stream) = pubsub.split();
             {
                 let mut current = self.sink.lock().await;
@@ -277,20 +265,7 @@ impl Hub {
             }
         };
         let mut backoff = Duration::from_millis(50);
-        let conn = loop {
-            match tokio::time::timeout(PUBSUB_TIMEOUT, client.get_async_connection()).await {
-                Ok(Ok(conn)) => break conn,
-                failed => {
-                    let why = match failed {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => "timed out".into(),
-                    };
-                    log::warn!("cluster pub/sub connection failed, retrying in {backoff:?}: {why}");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-            }
-        };
+        let conn = connect_until("cluster pub/sub", &mut backoff, || client.get_async_connection()).await;
         {
             let mut current = self.sink.lock().await;
             let sessions: Vec<String> = self.readers.lock().unwrap().keys().cloned().collect();
@@ -387,6 +362,28 @@ impl Hub {
         let sessions: Vec<String> = self.readers.lock().unwrap().keys().cloned().collect();
         for session in sessions {
             self.deliver(&session, Delivery::Refill);
+        }
+    }
+}
+
+/// Tries `connect` (each try bounded) until it succeeds, waiting `backoff`
+/// after a failure and doubling it up to `MAX_BACKOFF`.
+async fn connect_until<T, Fut>(what: &str, backoff: &mut Duration, mut connect: impl FnMut() -> Fut) -> T
+where
+    Fut: std::future::Future<Output = redis::RedisResult<T>>,
+{
+    loop {
+        match tokio::time::timeout(PUBSUB_TIMEOUT, connect()).await {
+            Ok(Ok(conn)) => return conn,
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".into(),
+                };
+                log::warn!("{what} connection failed, retrying in {backoff:?}: {why}");
+                tokio::time::sleep(*backoff).await;
+                *backoff = (*backoff * 2).min(MAX_BACKOFF);
+            }
         }
     }
 }
