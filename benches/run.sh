@@ -15,6 +15,9 @@
 #                       alternating; the report takes each figure's median
 #                       (direct, the ceiling, runs once)
 #   WS_SESSIONS         concurrent streams per WebSocket cell [100 1000 3000]
+#   WS_ROUNDS [3]       rounds of every stream cell, fronts alternating; the
+#                       report shows the round with the median p99 and counts
+#                       lost and duplicated chunks over all rounds
 #   WS_STEADY_SESSIONS  the same with starts spread over one chunk interval [1000]
 #   IDLE_COUNT [10000]  idle WebSockets to open
 #   BUS [embedded]      embedded | redis (the cluster's event bus)
@@ -40,6 +43,7 @@ if [[ $FULL == 1 ]]; then
     CONCURRENCIES=${CONCURRENCIES:-1 16 64 256}
     HTTP_SECS=${HTTP_SECS:-5}
     HTTP_ROUNDS=${HTTP_ROUNDS:-3}
+    WS_ROUNDS=${WS_ROUNDS:-3}
     WS_SESSIONS=${WS_SESSIONS:-100 1000 3000}
     WS_STEADY_SESSIONS=${WS_STEADY_SESSIONS:-1000}
     IDLE_COUNT=${IDLE_COUNT:-10000}
@@ -47,6 +51,7 @@ else
     CONCURRENCIES=${CONCURRENCIES:-1 64}
     HTTP_SECS=${HTTP_SECS:-2}
     HTTP_ROUNDS=${HTTP_ROUNDS:-1}
+    WS_ROUNDS=${WS_ROUNDS:-1}
     WS_SESSIONS=${WS_SESSIONS:-100}
     WS_STEADY_SESSIONS=${WS_STEADY_SESSIONS:-100}
     IDLE_COUNT=${IDLE_COUNT:-1000}
@@ -175,6 +180,13 @@ http_part() {
     local proxy=$!; PIDS+=($proxy)
     start_nginx http 127.0.0.1:18081 "${servers[@]}"; local nginx=$NGINX_PID; PIDS+=($nginx)
     for p in 18101 18102 18103 18080 18081; do wait_http "http://127.0.0.1:$p/health"; done
+    # Both fronts warmed up alike before anything is measured (a fresh
+    # process's first seconds grow its heap and its upstream pool).
+    log "warming up both fronts (3 s each, not measured)"
+    for p in 18080 18081; do
+        on_cpu 0 wrk -t2 -c64 -d2s "http://127.0.0.1:$p/" >/dev/null 2>&1 || true
+        on_cpu 0 wrk -t2 -c16 -d1s -H 'Connection: close' "http://127.0.0.1:$p/" >/dev/null 2>&1 || true
+    done
     sleep 0.5
     local nginx_all; nginx_all=$(nginx_pids "$nginx")
     local csv=$RAW/http.csv
@@ -276,11 +288,16 @@ start_cluster() {
 stream_cells() {
     local prefix=$1 spread=$2; shift 2
     local chats=${WS_CHATS:-3}
+    rm -f "$RAW/$prefix"-*.json
     for n in "$@"; do
-        for target in proxy nginx; do
+      # Rounds alternate who goes first; the report takes the median round.
+      for round in $(seq "$WS_ROUNDS"); do
+        local order=(proxy nginx)
+        ((round % 2 == 0)) && order=(nginx proxy)
+        for target in "${order[@]}"; do
             local port=18180 pids=$CLUSTER_PROXY
             [[ $target == nginx ]] && { port=18280; pids=$(nginx_pids "$NGINX_WS"); }
-            local before after out=$RAW/$prefix-$target-$n.json err=$WORK/$prefix-$target-$n.err
+            local before after out=$RAW/$prefix-$target-$n-r$round.json err=$WORK/$prefix-$target-$n.err
             # shellcheck disable=SC2086
             before=$(cpu_ticks $pids)
             on_cpu 0 timeout 300 "$BIN/loadgen" ws --url "ws://127.0.0.1:$port/ws/chat" --sessions "$n" \
@@ -301,6 +318,7 @@ print(f"  {target:6} N={j['sessions']:<5} spread {j['start_spread_ms']} ms  comp
 PY
             sleep 1
         done
+      done
     done
 }
 
