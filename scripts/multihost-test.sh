@@ -91,6 +91,7 @@ seeds=()
 for port in 7001 7002 7003 7004 7005 7006; do
     bg redis redis-server --port $port --bind 10.77.2.40 --save "" --appendonly no \
         --cluster-enabled yes --cluster-node-timeout 1000 --cluster-config-file "nodes-$port.conf" \
+        --repl-diskless-sync-delay 0 \
         --dir "$WORK" --protected-mode no >"$WORK/redis-$port.log" 2>&1
     PIDS+=($!); seeds+=("10.77.2.40:$port")
 done

@@ -36,6 +36,8 @@ impl OwnRedisCluster {
                 .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
                 // A replica however stale may take over: the test measures what that loses.
                 .args(["--cluster-replica-validity-factor", "0"])
+                // Replicas sync at once (the default waits 5 s to batch them).
+                .args(["--repl-diskless-sync-delay", "0"])
                 .arg("--dir")
                 .arg(dir.path())
                 .stdout(Stdio::null())
@@ -60,7 +62,30 @@ impl OwnRedisCluster {
             .expect("redis-cli must be installed");
         assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
         cluster.wait_ok(Duration::from_secs(30));
+        cluster.wait_replicated(Duration::from_secs(30));
         cluster
+    }
+
+    /// Waits until every replica has finished its first sync and follows its
+    /// master (before that, a failover loses everything: a replica that never
+    /// synced holds nothing).
+    fn wait_replicated(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let infos: Vec<String> = self.running().map(|port| self.text_on(port, &["INFO", "replication"])).collect();
+            let synced = infos.iter().all(|info| {
+                if info.contains("role:master") {
+                    info.contains("connected_slaves:1")
+                } else {
+                    info.contains("master_link_status:up") && info.contains("master_sync_in_progress:0")
+                }
+            });
+            if synced {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the replicas did not finish their first sync: {infos:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// `redis+cluster://` with every node as a seed.
