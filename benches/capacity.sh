@@ -19,6 +19,7 @@ cd "$ROOT"
 source scripts/setup.sh
 ensure_build_tools
 command -v redis-server >/dev/null || apt_install redis-server
+command -v curl >/dev/null || apt_install curl
 STREAMS=${STREAMS:-1000}
 PRODUCERS=${PRODUCERS:-64}
 OUT=${OUT:-$ROOT/benches/results/raw/capacity.json}

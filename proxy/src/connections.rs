@@ -105,7 +105,7 @@ where
                 .is_some_and(|ip| sticky::is_trusted(ip, &state.config.client.proxy_protocol_from));
         if from_balancer {
             match proxy_protocol::accept(&mut stream, state.config.client.header_timeout).await {
-                Ok((_client, rest)) => prefix = rest,
+                Ok(rest) => prefix = rest,
                 Err(e) => {
                     state.metrics.rejected.with_label_values(&["proxy_protocol"]).inc();
                     log::info!("closing a connection from a PROXY protocol peer: {e}");

@@ -14,7 +14,6 @@ use bytes::{Buf, BytesMut};
 use pingora_core::protocols::l4::socket::SocketAddr;
 use pingora_core::protocols::{SocketDigest, Stream};
 use ppp::{v1, v2, HeaderResult, PartialResult};
-use std::net::IpAddr;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
 
@@ -42,12 +41,12 @@ pub enum Refused {
     Io(#[from] std::io::Error),
 }
 
-/// Reads the header at the start of `stream` within `deadline`. Returns the
-/// client it names (`None` for `UNKNOWN` / `LOCAL`: a balancer's own
-/// connection, such as a health check) and the bytes read past it. When it
-/// names a client, `stream`'s socket digest is replaced by one whose peer is
-/// that client, so every later look at the peer sees it.
-pub async fn accept(stream: &mut Stream, deadline: Duration) -> Result<(Option<IpAddr>, BytesMut), Refused> {
+/// Reads the header at the start of `stream` within `deadline` and returns
+/// the bytes read past it. When the header names a client (not `UNKNOWN` /
+/// `LOCAL`: a balancer's own connection, such as a health check), `stream`'s
+/// socket digest is replaced by one whose peer is that client, so every
+/// later look at the peer sees it.
+pub async fn accept(stream: &mut Stream, deadline: Duration) -> Result<BytesMut, Refused> {
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let read = async {
         loop {
@@ -74,7 +73,7 @@ pub async fn accept(stream: &mut Stream, deadline: Duration) -> Result<(Option<I
         }
         stream.set_socket_digest(digest);
     }
-    Ok((source.map(|s| s.ip()), buf))
+    Ok(buf)
 }
 
 /// What the start of a connection holds.
