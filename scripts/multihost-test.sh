@@ -267,7 +267,7 @@ ws.close()
 # 2. The serving backend's back link goes down.
 session = f"mh-{uuid.uuid4().hex[:12]}"
 ws, cut_backend = connect(PROXIES[1], session)
-ws.settimeout(40)
+ws.settimeout(60)
 request_id = chat(ws)
 got = {}
 events(ws, request_id, until_seq=5, got=got)
