@@ -8,7 +8,8 @@
 # Environment (defaults in brackets):
 #   FULL [1]            1 = full matrix, 0 = a few cells of each part
 #   PARTS [http ws steady idle micro]   which parts to run
-#   WORKERS [2]         proxy threads = nginx worker_processes
+#   WORKERS [2]         proxy worker processes (server.processes, one thread
+#                       each) = nginx worker_processes
 #   CONCURRENCIES       HTTP client connections [1 16 64 256]
 #   HTTP_SECS [5]       seconds per HTTP cell (after a 1 s warm-up)
 #   HTTP_ROUNDS [3]     rounds of every HTTP cell for our proxy and nginx,
@@ -119,7 +120,7 @@ cpu_ticks() { # cpu_ticks PID...: utime+stime summed, in clock ticks
 }
 CLK_TCK=$(getconf CLK_TCK)
 
-nginx_pids() { # master and workers of the nginx whose master is $1
+tree_pids() { # a master (nginx, or our proxy's supervisor) and its workers
     echo "$1" $(pgrep -P "$1" || true)
 }
 
@@ -167,13 +168,13 @@ EOF
 
 # --- HTTP: our proxy vs nginx vs direct -------------------------------------
 http_part() {
-    log "HTTP: 3 backends, our proxy (threads=$WORKERS), nginx (workers=$WORKERS)"
+    log "HTTP: 3 backends, our proxy (processes=$WORKERS), nginx (workers=$WORKERS)"
     local bpids=() servers=()
     for i in 1 2 3; do
         spawn 0 "$BIN/loadgen" http-backend --port $((18100 + i)) --id "$i" >>"$WORK/backends.log" 2>&1
         bpids+=($!); PIDS+=($!); servers+=("127.0.0.1:$((18100 + i))")
     done
-    sed "s/^threads = .*/threads = $WORKERS/" benches/proxy-bench.toml >"$WORK/proxy-bench.toml"
+    sed "s/^processes = .*/processes = $WORKERS/" benches/proxy-bench.toml >"$WORK/proxy-bench.toml"
     RUST_LOG=warn PROXY_LISTEN=127.0.0.1:18080 PROXY_STATUS_LISTEN=127.0.0.1:18090 \
         PROXY_BACKENDS=$(IFS=,; echo "${servers[*]}") \
         spawn 1 "$BIN/proxy" --config "$WORK/proxy-bench.toml" >"$WORK/proxy.log" 2>&1
@@ -188,7 +189,7 @@ http_part() {
         on_cpu 0 wrk -t2 -c16 -d1s -H 'Connection: close' "http://127.0.0.1:$p/" >/dev/null 2>&1 || true
     done
     sleep 0.5
-    local nginx_all; nginx_all=$(nginx_pids "$nginx")
+    local nginx_all; nginx_all=$(tree_pids "$nginx")
     local csv=$RAW/http.csv
     echo "mode,payload,concurrency,target,rps,p50_ms,p90_ms,p99_ms,p999_ms,errors,requests,cpu_s,cpu_s_per_100k,round" >"$csv"
     local rot=0 round
@@ -213,11 +214,11 @@ http_part() {
     stop "$proxy" "$nginx" "${bpids[@]}"
 }
 
-http_cell() { # mode payload concurrency target proxy_pid nginx_pids round
+http_cell() { # mode payload concurrency target proxy_pid tree_pids round
     local mode=$1 payload=$2 c=$3 target=$4 proxy=$5 nginx_all=$6 round=${7:-1}
     local port pids path=/ body=0 extra=()
     case $target in
-        proxy) port=18080; pids=$proxy ;;
+        proxy) port=18080; pids=$(tree_pids "$proxy") ;;
         nginx) port=18081; pids=$nginx_all ;;
         direct) port=18101; pids="" ;;
     esac
@@ -276,7 +277,7 @@ start_cluster() {
     mapfile -t WS_BACKENDS < <(awk '$1 ~ /^backend-[0-9]+$/ {sub("http://", "", $2); print $2}' "$WORK/cluster.log")
     CLUSTER_PROXY=$(pgrep -P "$CLUSTER" -x proxy | head -1)
     # Pin the proxy the cluster started, like the HTTP one.
-    [[ $PIN == 1 ]] && taskset -pc 1 "$CLUSTER_PROXY" >/dev/null
+    if [[ $PIN == 1 ]]; then for p in $(tree_pids "$CLUSTER_PROXY"); do taskset -pc 1 "$p" >/dev/null; done; fi
     start_nginx ws 127.0.0.1:18280 "${WS_BACKENDS[@]}"; NGINX_WS=$NGINX_PID; PIDS+=($NGINX_WS)
     wait_http http://127.0.0.1:18280/api/ai-health
     log "  backends ${WS_BACKENDS[*]}; proxy pid $CLUSTER_PROXY; nginx pid $NGINX_WS"
@@ -295,8 +296,8 @@ stream_cells() {
         local order=(proxy nginx)
         ((round % 2 == 0)) && order=(nginx proxy)
         for target in "${order[@]}"; do
-            local port=18180 pids=$CLUSTER_PROXY
-            [[ $target == nginx ]] && { port=18280; pids=$(nginx_pids "$NGINX_WS"); }
+            local port=18180 pids; pids=$(tree_pids "$CLUSTER_PROXY")
+            [[ $target == nginx ]] && { port=18280; pids=$(tree_pids "$NGINX_WS"); }
             local before after out=$RAW/$prefix-$target-$n-r$round.json err=$WORK/$prefix-$target-$n.err
             # shellcheck disable=SC2086
             before=$(cpu_ticks $pids)
@@ -341,8 +342,8 @@ steady_part() {
 idle_part() {
     log "idle WebSockets: $IDLE_COUNT through our proxy, then through nginx"
     for target in proxy nginx; do
-        local port=18180 watch=(--watch "proxy=$CLUSTER_PROXY")
-        [[ $target == nginx ]] && { port=18280; watch=(--watch "nginx=$(nginx_pids "$NGINX_WS" | tr ' ' ,)"); }
+        local port=18180 watch=(--watch "proxy=$(tree_pids "$CLUSTER_PROXY" | tr ' ' ,)")
+        [[ $target == nginx ]] && { port=18280; watch=(--watch "nginx=$(tree_pids "$NGINX_WS" | tr ' ' ,)"); }
         on_cpu 0 timeout 240 "$BIN/loadgen" idle --url "ws://127.0.0.1:$port/ws/chat" --count "$IDLE_COUNT" \
             --concurrency 64 --source-ips 100 --hold "${IDLE_HOLD:-5}" "${watch[@]}" --watch "backends+ai=$CLUSTER" \
             --out "$RAW/idle-$target.json" >/dev/null 2>"$WORK/idle-$target.err" ||

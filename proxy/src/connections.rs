@@ -83,10 +83,10 @@ where
         let state = &self.requests.state;
         state.stats.accepts.fetch_add(1, Ordering::Relaxed);
         state.metrics.connections_accepted.inc();
-        let open = state.stats.active.fetch_add(1, Ordering::Relaxed) + 1;
+        state.stats.active.fetch_add(1, Ordering::Relaxed);
         state.metrics.connections_active.inc();
         let guard = OpenConnection(state.clone());
-        if open as usize > state.config.client.max_connections {
+        if state.stats.open_connections() > state.config.client.max_connections as i64 {
             // Like nginx: accepted, not handled, closed without an answer.
             state.metrics.rejected.with_label_values(&["connection_limit"]).inc();
             log::warn!("connection limit {} reached, closing a new connection", state.config.client.max_connections);

@@ -20,12 +20,13 @@ pub mod signals;
 pub mod status;
 pub mod sticky;
 pub mod upstreams;
+pub mod workers;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use pingora_core::listeners::tls::TlsSettings;
-use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions};
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::background::background_service;
@@ -40,6 +41,7 @@ use crate::metrics::{ConnectionStats, Metrics};
 use crate::reload::Reloader;
 use crate::status::StatusApp;
 use crate::upstreams::Upstreams;
+use crate::workers::{Shared, Worker};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +60,12 @@ pub enum ProxyError {
     /// A runtime for start-up work could not be created.
     #[error("start-up runtime: {0}")]
     Runtime(#[from] std::io::Error),
+    /// Worker processes could not be set up (shared memory, fork, signals).
+    #[error("worker processes: {0}")]
+    Workers(std::io::Error),
+    /// Worker processes kept dying before they served.
+    #[error("worker processes died before serving (see the log)")]
+    WorkersFailed,
 }
 
 /// Everything the services share.
@@ -69,18 +77,22 @@ pub struct State {
     pub upstreams: Upstreams,
     /// Prometheus metrics.
     pub metrics: Metrics,
-    /// nginx `stub_status` counters.
+    /// nginx `stub_status` counters (shared by all worker processes).
     pub stats: ConnectionStats,
-    /// Per-client request rate limit.
+    /// Per-client request rate limit (shared by all worker processes).
     pub limiter: RateLimiter,
+    /// Which worker process this is, with `server.processes` above 1.
+    pub worker: Option<Worker>,
 }
 
 impl State {
-    /// Builds the shared state (resolves upstream names once).
-    pub async fn new(config: Config) -> Arc<Self> {
+    /// Builds the state of one serving process (resolves upstream names
+    /// once): its counters and rate table in `shared`.
+    pub async fn new(config: Config, shared: &Shared, worker: Option<Worker>) -> Arc<Self> {
         let upstreams = Upstreams::new(&config.upstreams).await;
-        let limiter = RateLimiter::new(config.client.requests_per_second);
-        Arc::new(Self { config, upstreams, metrics: Metrics::new(), stats: ConnectionStats::default(), limiter })
+        let limiter = shared.limiter(config.client.requests_per_second);
+        let stats = shared.stats(worker.as_ref().map_or(0, |w| w.index));
+        Arc::new(Self { config, upstreams, metrics: Metrics::new(), stats, limiter, worker })
     }
 }
 
@@ -158,14 +170,27 @@ fn raise_open_files(max_connections: usize) {
     }
 }
 
-/// Starts the proxy and serves until a signal ends it (never returns on
-/// success: Pingora exits the process).
+/// Starts the proxy and serves until a signal ends it: in this process, or
+/// with `server.processes` above 1 in worker processes under this one (see
+/// [`workers`]). With one process it never returns on success (Pingora
+/// exits the process).
 pub fn run(config: Config, options: RunOptions) -> Result<(), ProxyError> {
-    reload::catch_sighup_early();
     raise_open_files(config.client.max_connections);
+    let shared = Shared::new(config.server.processes).map_err(ProxyError::Workers)?;
+    if config.server.processes > 1 {
+        return workers::supervise(&config, &options, &shared, |worker| {
+            serve(config.clone(), options.clone(), &shared, Some(worker))
+        });
+    }
+    serve(config, options, &shared, None)
+}
+
+/// Serves in this process: the whole proxy, or one worker of several.
+fn serve(config: Config, options: RunOptions, shared: &Shared, worker: Option<Worker>) -> Result<(), ProxyError> {
+    reload::catch_sighup_early();
     let startup = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let state = startup.block_on(async {
-        let state = State::new(config.clone()).await;
+        let state = State::new(config.clone(), shared, worker.clone()).await;
         // One round of checks before listening: a process taking over the
         // listeners (graceful upgrade) must not answer 503 while it learns
         // which backends are up.
@@ -177,12 +202,20 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), ProxyError> {
     });
     drop(startup);
 
-    let opt = Opt { upgrade: options.upgrade, daemon: options.daemon, ..Opt::default() };
-    let mut server = Server::new_with_opt_and_conf(opt, server_conf(&config, options.daemon));
+    // A worker is neither a daemon (its supervisor may be) nor handed
+    // listeners: it binds its own beside its siblings (and, in an upgrade,
+    // beside the old proxy's workers).
+    let alone = worker.is_none();
+    let opt = Opt { upgrade: options.upgrade && alone, daemon: options.daemon && alone, ..Opt::default() };
+    let mut conf = server_conf(&config, options.daemon && alone);
+    if let Some(w) = &worker {
+        conf.upgrade_sock = w.dir.join(format!("worker-{}.upgrade", w.index)).to_string_lossy().into_owned();
+    }
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
     // With `-u` this returns once the running proxy has handed over its
     // listeners (or exits 1 when none does, leaving that one serving).
     server.bootstrap();
-    if !options.daemon {
+    if alone && !options.daemon {
         // Pingora writes the pid file only when it daemonizes. Written after
         // the hand-over, so `kill -QUIT $(cat pid_file)` during an upgrade
         // still reaches the old process.
@@ -195,6 +228,18 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), ProxyError> {
     let reloader = Reloader::new(options.config_path.clone(), options.overrides.clone(), state.clone());
     server.add_service(background_service("reload", reloader));
     server.add_service(background_service("health checks", HealthChecker::new(state.clone())));
+    if !alone {
+        server.add_service(background_service("metrics share", workers::gather::MetricsShare::new(state.clone())));
+    }
+    // Workers share each port: the kernel spreads connections over them.
+    let shared_port = |l: ListenerConfig| {
+        if alone {
+            return l;
+        }
+        let mut options = TcpSocketOptions::default();
+        options.so_reuseport = Some(true);
+        l.tcp_socket_options(options)
+    };
 
     let proxy = pingora_proxy::http_proxy(&server.configuration, Edge::new(state.clone()));
     let mut public = Service::new("proxy".to_string(), Connections::new(proxy, state.clone()));
@@ -202,17 +247,17 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), ProxyError> {
     // The lean path reads into and writes from buffers of its own (sized
     // from the same settings); the socket's own would only copy twice.
     let plain_buffers = if config.server.fast_path { L4BufferSettings::unbuffered() } else { buffers };
-    public.add_listener(ListenerConfig::tcp(config.listen.public.to_string()).l4_buffer(plain_buffers));
+    public.add_listener(shared_port(ListenerConfig::tcp(config.listen.public.to_string()).l4_buffer(plain_buffers)));
     if let Some(tls) = &config.listen.tls {
         let addr = tls.addr.to_string();
         let settings = TlsSettings::intermediate(&tls.cert.to_string_lossy(), &tls.key.to_string_lossy())
             .map_err(|e| ProxyError::Tls { addr: addr.clone(), reason: e.to_string() })?;
-        public.add_listener(ListenerConfig::tcp(addr).tls(settings).l4_buffer(buffers));
+        public.add_listener(shared_port(ListenerConfig::tcp(addr).tls(settings).l4_buffer(buffers)));
     }
     server.add_service(public);
 
     let mut status = Service::new("status".to_string(), StatusApp::new(state));
-    status.add_tcp(&config.listen.status.to_string());
+    status.add_listener(shared_port(ListenerConfig::tcp(config.listen.status.to_string())));
     server.add_service(status);
 
     log::info!("proxy listening on {} (status on {})", config.listen.public, config.listen.status);

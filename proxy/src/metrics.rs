@@ -2,35 +2,87 @@
 //! request counts, and the Prometheus registry (requests by status, latency,
 //! upstream health, retries, active WebSockets, rejections).
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-/// nginx `stub_status` counters.
-#[derive(Debug, Default)]
+/// Most worker processes (`server.processes`).
+pub const MAX_WORKERS: usize = 64;
+
+/// nginx `stub_status` counters, in memory all worker processes share (see
+/// [`crate::workers`]): the totals are common; each worker counts its own
+/// open, reading and writing connections in a slot of its own, so a worker
+/// that dies can be forgotten, and the report sums the slots.
+#[derive(Debug, Clone, Copy)]
 pub struct ConnectionStats {
     /// Connections accepted.
-    pub accepts: AtomicU64,
+    pub accepts: &'static AtomicU64,
     /// Connections handled (accepted and not refused by the connection limit).
-    pub handled: AtomicU64,
+    pub handled: &'static AtomicU64,
     /// Requests read.
-    pub requests: AtomicU64,
-    /// Client connections open now.
-    pub active: AtomicI64,
-    /// Connections reading a first request header now.
-    pub reading: AtomicI64,
-    /// Requests being processed or answered now.
-    pub writing: AtomicI64,
+    pub requests: &'static AtomicU64,
+    /// Client connections this worker has open now (wrapping; see [`Self::gauge`]).
+    pub active: &'static AtomicU64,
+    /// Connections this worker is reading a first request header on now.
+    pub reading: &'static AtomicU64,
+    /// Requests this worker is processing or answering now.
+    pub writing: &'static AtomicU64,
+    /// Every worker's `[active, reading, writing]`.
+    gauges: &'static [AtomicU64],
 }
 
 impl ConnectionStats {
+    /// Words the counters take in shared memory.
+    pub const WORDS: usize = 3 + 3 * MAX_WORKERS;
+
+    /// The counters in `words` (at least [`Self::WORDS`] long), as seen by
+    /// worker `worker` of `workers`.
+    pub fn over(words: &'static [AtomicU64], worker: usize, workers: usize) -> Self {
+        assert!(words.len() >= Self::WORDS && worker < workers && workers <= MAX_WORKERS);
+        let mine = &words[3 + 3 * worker..3 + 3 * worker + 3];
+        Self {
+            accepts: &words[0],
+            handled: &words[1],
+            requests: &words[2],
+            active: &mine[0],
+            reading: &mine[1],
+            writing: &mine[2],
+            gauges: &words[3..3 + 3 * workers],
+        }
+    }
+
+    /// Counters of a single process, in memory of its own.
+    pub fn private() -> Self {
+        let words: Vec<AtomicU64> = (0..Self::WORDS).map(|_| AtomicU64::new(0)).collect();
+        Self::over(Box::leak(words.into_boxed_slice()), 0, 1)
+    }
+
+    /// Zeroes worker `worker`'s gauges (it is gone, and its connections with it).
+    pub fn forget_worker(words: &'static [AtomicU64], worker: usize) {
+        for w in &words[3 + 3 * worker..3 + 3 * worker + 3] {
+            w.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Sum over the workers of gauge `k` (0 active, 1 reading, 2 writing).
+    /// Each slot only rises and falls by ones, so reading it as i64 undoes
+    /// the wrap of a momentary fall below zero.
+    fn gauge(&self, k: usize) -> i64 {
+        self.gauges.iter().skip(k).step_by(3).map(|w| w.load(Ordering::Relaxed) as i64).sum()
+    }
+
+    /// Client connections open now in every worker.
+    pub fn open_connections(&self) -> i64 {
+        self.gauge(0)
+    }
+
     /// The exact nginx `stub_status` text.
     pub fn stub_status(&self) -> String {
-        let active = self.active.load(Ordering::Relaxed).max(0);
-        let reading = self.reading.load(Ordering::Relaxed).clamp(0, active);
-        let writing = self.writing.load(Ordering::Relaxed).clamp(0, active - reading);
+        let active = self.gauge(0).max(0);
+        let reading = self.gauge(1).clamp(0, active);
+        let writing = self.gauge(2).clamp(0, active - reading);
         let waiting = active - reading - writing;
         format!(
             "Active connections: {active} \nserver accepts handled requests\n {} {} {} \nReading: {reading} Writing: {writing} Waiting: {waiting} \n",
@@ -216,7 +268,7 @@ mod tests {
 
     #[test]
     fn stub_status_has_nginx_layout() {
-        let s = ConnectionStats::default();
+        let s = ConnectionStats::private();
         s.accepts.store(16630948, Ordering::Relaxed);
         s.handled.store(16630948, Ordering::Relaxed);
         s.requests.store(31070465, Ordering::Relaxed);
@@ -237,5 +289,25 @@ mod tests {
         let text = m.render();
         assert!(text.contains("proxy_requests_total{status=\"200\",upstream=\"backends\"} 1"), "{text}");
         assert!(text.contains("proxy_websockets_active 1"));
+    }
+
+    #[test]
+    fn stub_status_sums_the_workers_and_a_forgotten_worker_counts_nothing() {
+        let words: &'static [AtomicU64] =
+            Box::leak((0..ConnectionStats::WORDS).map(|_| AtomicU64::new(0)).collect::<Vec<_>>().into_boxed_slice());
+        let (a, b) = (ConnectionStats::over(words, 0, 2), ConnectionStats::over(words, 1, 2));
+        a.active.fetch_add(3, Ordering::Relaxed);
+        b.active.fetch_add(2, Ordering::Relaxed);
+        b.writing.fetch_add(1, Ordering::Relaxed);
+        a.requests.fetch_add(4, Ordering::Relaxed);
+        b.requests.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(a.open_connections(), 5);
+        assert!(b.stub_status().starts_with("Active connections: 5 \nserver accepts handled requests\n 0 0 5 \n"));
+        assert!(a.stub_status().ends_with("Reading: 0 Writing: 1 Waiting: 4 \n"));
+        ConnectionStats::forget_worker(words, 1);
+        assert_eq!(a.open_connections(), 3);
+        // A worker's reading count may dip below zero for a moment.
+        a.reading.fetch_sub(1, Ordering::Relaxed);
+        assert!(a.stub_status().ends_with("Reading: 0 Writing: 0 Waiting: 3 \n"), "{}", a.stub_status());
     }
 }

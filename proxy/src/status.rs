@@ -1,6 +1,8 @@
 //! The status listener's app, apart from public traffic: `/nginx-status`
 //! (nginx `stub_status`, byte for byte), `/metrics` (Prometheus text) and
-//! `/upstreams` (JSON: each group's backends and their health).
+//! `/upstreams` (JSON: each group's backends and their health). With worker
+//! processes the counters and metrics are every worker's; `/upstreams` is
+//! the answering worker's view (each runs its own health checks).
 
 use std::sync::Arc;
 
@@ -24,13 +26,13 @@ impl StatusApp {
     }
 
     /// The answer for `path`: status, content type, body.
-    pub fn answer(&self, path: &str) -> (StatusCode, &'static str, String) {
+    pub async fn answer(&self, path: &str) -> (StatusCode, &'static str, String) {
         match path {
             "/nginx-status" => (StatusCode::OK, "text/plain", self.state.stats.stub_status()),
             "/metrics" => (
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                self.state.metrics.render(),
+                crate::workers::gather::all_workers(&self.state).await,
             ),
             "/upstreams" => {
                 let groups: Vec<_> = self.state.upstreams.all().iter().map(|g| g.view()).collect();
@@ -51,7 +53,7 @@ impl StatusApp {
 impl ServeHttp for StatusApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
-        let (status, content_type, body) = self.answer(&path);
+        let (status, content_type, body) = self.answer(&path).await;
         Response::builder()
             .status(status)
             .header("content-type", content_type)

@@ -47,6 +47,7 @@ pub(super) fn check(source: &Source, overrides: &Overrides) -> Result<Config, Co
     }
 
     let server = ServerSettings {
+        processes: c.within("server.processes", &raw.server.processes, 1, 64),
         threads: c.at_least("server.threads", &raw.server.threads, 1),
         work_stealing: raw.server.work_stealing,
         fast_path: raw.server.fast_path,

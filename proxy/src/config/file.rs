@@ -41,7 +41,10 @@ pub struct FileConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileServer {
-    /// Worker threads of the proxy service.
+    /// Worker processes (nginx's `worker_processes`), each with `threads`.
+    #[serde(default = "default_processes")]
+    pub processes: Spanned<usize>,
+    /// Worker threads of the proxy service (per worker process).
     #[serde(default = "default_threads")]
     pub threads: Spanned<usize>,
     /// One work-stealing runtime for all threads (true), or one runtime per
@@ -224,6 +227,10 @@ fn default_fast_path() -> bool {
     true
 }
 
+fn default_processes() -> Spanned<usize> {
+    unspanned(1)
+}
+
 fn default_threads() -> Spanned<usize> {
     unspanned(2)
 }
@@ -337,6 +344,7 @@ fn default_routes() -> Vec<FileRoute> {
 impl Default for FileServer {
     fn default() -> Self {
         Self {
+            processes: default_processes(),
             threads: default_threads(),
             work_stealing: default_work_stealing(),
             fast_path: default_fast_path(),

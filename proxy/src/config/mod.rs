@@ -54,7 +54,10 @@ pub struct Config {
 /// Settings handed to Pingora's `ServerConf`.
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
-    /// Worker threads.
+    /// Worker processes: 1 serves in this process; more start a supervisor
+    /// (see [`crate::workers`]).
+    pub processes: usize,
+    /// Worker threads (per process).
     pub threads: usize,
     /// One shared work-stealing runtime, or one runtime per thread.
     pub work_stealing: bool,

@@ -1,0 +1,135 @@
+//! The proxy's worker processes (`server.processes`) need two things safe
+//! Rust has no API for, kept here so the rest of the workspace can forbid
+//! `unsafe`:
+//!
+//! - [`shared_words`]: zeroed `AtomicU64`s in an anonymous `MAP_SHARED`
+//!   mapping, made before the workers are forked, so every worker's atomics
+//!   are the same memory (nginx's shared zones do the same);
+//! - [`fork`] (and [`detach`], a daemon's double fork), refused unless the calling process has a single thread (after
+//!   `fork` only async-signal-safe calls are allowed in a multi-threaded
+//!   process's child; a single-threaded one's child is an ordinary process).
+
+use std::io;
+use std::sync::atomic::AtomicU64;
+
+/// `n` zeroed atomics shared with every process forked after this call, for
+/// the life of the process.
+pub fn shared_words(n: usize) -> io::Result<&'static [AtomicU64]> {
+    if n == 0 {
+        return Ok(&[]);
+    }
+    let len = n
+        .checked_mul(std::mem::size_of::<AtomicU64>())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "shared mapping too large"))?;
+    // SAFETY: a fresh anonymous mapping; no Rust object is affected.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the mapping is page-aligned (more than AtomicU64's alignment),
+    // `len` bytes long, zero-filled by the kernel (all-zero is a valid
+    // AtomicU64, which has u64's layout), never unmapped (so 'static), and
+    // only ever accessed through these atomics, here and in forked children.
+    Ok(unsafe { std::slice::from_raw_parts(p.cast::<AtomicU64>(), n) })
+}
+
+/// Which side of a [`fork`] this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forked {
+    /// The parent; the child's process id.
+    Parent(i32),
+    /// The new process.
+    Child,
+}
+
+/// Forks the process. Refused (`WouldBlock`) while the process has more than
+/// one thread. In the child, the parent's death sends it `SIGTERM`.
+pub fn fork() -> io::Result<Forked> {
+    let threads = thread_count()?;
+    if threads != 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!("fork refused: the process has {threads} threads, not 1"),
+        ));
+    }
+    let parent = std::process::id();
+    // SAFETY: the process has one thread (checked just above; only this
+    // thread could start another), so the child is a complete copy of it,
+    // with no lock held by a thread that does not exist there.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => {
+            // SAFETY: prctl with PR_SET_PDEATHSIG and a valid signal number
+            // reads no memory.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) };
+            if std::os::unix::process::parent_id() != parent {
+                // The parent died before the line above: nobody would tell us.
+                std::process::exit(1);
+            }
+            Ok(Forked::Child)
+        }
+        pid => Ok(Forked::Parent(pid)),
+    }
+}
+
+/// Detaches into the background like a daemon (`daemon(3)`: a new session,
+/// standard streams on `/dev/null`, the working directory kept); the
+/// foreground process exits 0. Refused while the process has more than one
+/// thread.
+pub fn detach() -> io::Result<()> {
+    let threads = thread_count()?;
+    if threads != 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!("detach refused: the process has {threads} threads, not 1"),
+        ));
+    }
+    // SAFETY: one thread (checked above), so the forked process inside
+    // daemon(3) is a complete copy; the arguments are plain integers.
+    if unsafe { libc::daemon(1, 0) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Threads of this process, from `/proc/self/status`.
+fn thread_count() -> io::Result<usize> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::Other, "no Threads: line in /proc/self/status"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn shared_words_start_at_zero_and_hold_values() {
+        let words = shared_words(1000).unwrap();
+        assert!(words.iter().all(|w| w.load(Ordering::Relaxed) == 0));
+        words[999].fetch_add(7, Ordering::Relaxed);
+        assert_eq!(words[999].load(Ordering::Relaxed), 7);
+        assert!(shared_words(0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn fork_is_refused_with_more_than_one_thread() {
+        // The test harness runs tests on threads of its own.
+        let _other = std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_millis(500)));
+        let e = fork().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+    }
+}
