@@ -292,6 +292,21 @@ fn signal_all(workers: &[Option<Running>], signal: Signal) {
     }
 }
 
+/// Whether every listener's address can be bound with `SO_REUSEPORT` (no
+/// other process holds it without): a socket is bound, never listened on, and
+/// dropped, so it joins no accept group.
+pub fn check_ports_shareable(config: &Config) -> io::Result<()> {
+    let mut addrs = vec![config.listen.public, config.listen.status];
+    addrs.extend(config.listen.tls.as_ref().map(|t| t.addr));
+    for addr in addrs {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr).map_err(|e| io::Error::new(e.kind(), format!("cannot share {addr}: {e}")))?;
+    }
+    Ok(())
+}
+
 fn read_pid(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }

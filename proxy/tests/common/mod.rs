@@ -385,6 +385,16 @@ impl Proxy {
         }
     }
 
+    /// Its temporary directory (config, logs, pid file, upgrade socket).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// The log of the process [`Self::spawn_upgrade`] started, so far.
+    pub fn upgraded_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("proxy-upgraded.log")).unwrap_or_default()
+    }
+
     /// The proxy's log so far.
     pub fn log(&self) -> String {
         let mut s = String::new();

@@ -1,0 +1,289 @@
+//! Worker processes (`server.processes = 2`): the real proxy binary, its
+//! supervisor and workers as real processes, real sockets. Each worker's own
+//! metrics socket (in `{upgrade_sock}.workers.{supervisor pid}/`) shows
+//! what that worker alone served, so a test can tell the workers apart.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::AsyncReadExt;
+
+fn two_workers() -> ProxyOptions {
+    ProxyOptions { server: "processes = 2\n".into(), ..Default::default() }
+}
+
+fn addrs(backends: &[Backend]) -> Vec<SocketAddr> {
+    backends.iter().map(|b| b.addr).collect()
+}
+
+/// Process ids whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        // "pid (comm) state ppid ..."
+        let ppid = stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').nth(1)?.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(child);
+        }
+    }
+    out.sort();
+    out
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+/// What worker `index` alone reports (its own registry, not the sum).
+async fn own_metrics(proxy: &Proxy, index: usize) -> String {
+    let path: PathBuf = proxy.dir().join(format!("upgrade.sock.workers.{}/worker-{index}.sock", proxy.pid()));
+    let mut text = String::new();
+    let mut conn = tokio::net::UnixStream::connect(&path).await.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    conn.read_to_string(&mut text).await.unwrap();
+    text
+}
+
+/// The sum of `name`'s samples (any labels) in a metrics text.
+fn total(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+async fn stub(proxy: &Proxy) -> [u64; 7] {
+    let r = get(proxy.status, "/nginx-status").await.unwrap();
+    parse_stub_status(&r.body).unwrap_or_else(|| panic!("not stub_status: {:?}", r.body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_the_port_and_report_as_one_proxy() {
+    let backends = vec![Backend::start("a"), Backend::start("b"), Backend::start("c")];
+    let proxy = Proxy::start(&addrs(&backends), two_workers()).await;
+    let workers = children_of(proxy.pid());
+    assert_eq!(workers.len(), 2, "workers {workers:?}\n{}", proxy.log());
+
+    let before = stub(&proxy).await;
+    for i in 0..60 {
+        let r = get_from(client_ip(i), proxy.public, "/api/x", &[]).await.unwrap();
+        assert_eq!(r.status, 200);
+    }
+    // Each worker served some (the kernel spreads connections), and every
+    // status answer counts all of them, whichever worker gives it.
+    let own: Vec<u64> = [own_metrics(&proxy, 0).await, own_metrics(&proxy, 1).await]
+        .iter()
+        .map(|t| total(t, "proxy_requests_total"))
+        .collect();
+    assert!(own.iter().all(|&n| n > 0), "requests per worker {own:?}");
+    let after = stub(&proxy).await;
+    assert_eq!(after[3] - before[3], 60, "requests: {after:?}");
+    assert_eq!(after[1] - before[1], 60, "accepts");
+    let metrics = get(proxy.status, "/metrics").await.unwrap().body;
+    assert!(metrics.contains("\nproxy_workers 2\n"), "{metrics}");
+    assert!(metrics.contains("proxy_requests_total{status=\"200\",upstream=\"backends\"} 60\n"), "own {own:?}:\n{metrics}");
+    assert_eq!(total(&metrics, "proxy_connections_accepted_total"), after[1]);
+    assert_eq!(metrics.matches("# TYPE proxy_requests_total counter").count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_clients_request_rate_is_counted_once_across_workers() {
+    let backends = vec![Backend::start("only")];
+    let options = ProxyOptions { client: "requests_per_second = 20\n".into(), ..two_workers() };
+    let proxy = Proxy::start(&addrs(&backends), options).await;
+    let me: IpAddr = "127.0.0.9".parse().unwrap();
+    // Bursts of 60 requests at once on 60 connections, which the kernel
+    // spreads over both workers. With a table per worker each would let 20
+    // through (40); shared, 20 pass, or up to 40 if the burst straddles two
+    // one-second windows, which is why there are three bursts.
+    let mut passed = Vec::new();
+    for _ in 0..3 {
+        let burst: Vec<_> = (0..60).map(|_| tokio::spawn(get_from(me, proxy.public, "/api/x", &[]))).collect();
+        let mut ok = 0;
+        for r in burst {
+            let status = r.await.unwrap().unwrap().status;
+            assert!(status == 200 || status == 429, "{status}");
+            ok += u32::from(status == 200);
+        }
+        passed.push(ok);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    assert!(passed.iter().all(|&n| (20..=40).contains(&n)), "passed per burst {passed:?}");
+    assert!(passed.contains(&20), "passed per burst {passed:?}: no burst within one window saw one shared limit");
+    let own: Vec<u64> = [own_metrics(&proxy, 0).await, own_metrics(&proxy, 1).await]
+        .iter()
+        .map(|t| total(t, "proxy_requests_total"))
+        .collect();
+    assert!(own.iter().all(|&n| n > 0), "both workers answered: {own:?}");
+    // Another client is not affected.
+    assert_eq!(get_from("127.0.0.10".parse().unwrap(), proxy.public, "/api/x", &[]).await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reaches_every_worker_and_a_killed_worker_is_replaced_and_forgotten() {
+    let old = Backend::start("old");
+    let new = Backend::start("new");
+    let proxy = Proxy::start(&[old.addr], two_workers()).await;
+
+    // SIGHUP to the supervisor: both workers apply the new list.
+    proxy.rewrite_config(&[new.addr], &two_workers());
+    proxy.hangup();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..40 {
+            seen.insert(get_from(client_ip(i), proxy.public, "/api/x", &[]).await.unwrap().backend());
+        }
+        if seen.len() == 1 && seen.contains("new") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still served by {seen:?}\n{}", proxy.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(proxy.metric("proxy_config_reloads_total{result=\"applied\"}").await, 2, "one reload per worker");
+
+    // Connections held open, some on each worker.
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(tokio::net::TcpStream::connect(proxy.public).await.unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stub(&proxy).await[0] != 20 {
+        assert!(Instant::now() < deadline, "{:?}", stub(&proxy).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let workers = children_of(proxy.pid());
+    assert_eq!(workers.len(), 2);
+    let victim = workers[0];
+    assert!(std::process::Command::new("kill").args(["-KILL", &victim.to_string()]).status().unwrap().success());
+
+    // Another worker takes its place and serves.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = children_of(proxy.pid());
+        if now.len() == 2 && !now.contains(&victim) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "workers {now:?}\n{}", proxy.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for index in 0..2 {
+        own_metrics(&proxy, index).await;
+    }
+    drop(held);
+    // The dead worker's open connections are forgotten with it; the
+    // survivor's close: nothing is left open.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = stub(&proxy).await;
+        if s[0] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still open: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 0..40 {
+        let r = get_from(client_ip(i), proxy.public, "/api/x", &[]).await.unwrap();
+        assert_eq!((r.status, r.backend()), (200, "new".to_string()));
+    }
+    assert!(proxy.log().contains("ended; starting another"), "{}", proxy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_the_supervisor_stops_every_worker() {
+    let backends = vec![Backend::start("only")];
+    let mut proxy = Proxy::start(&addrs(&backends), two_workers()).await;
+    let workers = children_of(proxy.pid());
+    assert_eq!(workers.len(), 2);
+    proxy.signal("TERM");
+    assert!(proxy.wait_exit(Duration::from_secs(10)).await, "the supervisor did not exit\n{}", proxy.log());
+    for w in workers {
+        assert!(!alive(w), "worker {w} outlived its supervisor");
+    }
+    assert!(get(proxy.public, "/api/x").await.is_err(), "nobody should be listening");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_upgrade_serves_beside_the_old_workers_then_takes_over() {
+    let backends = vec![Backend::start("only")];
+    let options = ProxyOptions { server: "processes = 2\ngrace_period = \"1s\"\n".into(), ..Default::default() };
+    let mut old = Proxy::start(&addrs(&backends), options).await;
+    let pid_file = old.dir().join("proxy.pid");
+    assert_eq!(std::fs::read_to_string(&pid_file).unwrap().trim(), old.pid().to_string());
+    let old_workers = children_of(old.pid());
+
+    // SIGQUIT before a new proxy serves beside it is ignored.
+    old.signal("QUIT");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !old.log().contains("no new process waits") {
+        assert!(Instant::now() < deadline, "{}", old.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(old.is_running());
+
+    let mut new = old.spawn_upgrade();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !old.upgraded_log().contains("serving beside proxy") {
+        assert!(Instant::now() < deadline, "the new proxy never served:\n{}", old.upgraded_log());
+        assert!(new.try_wait().unwrap().is_none(), "the new proxy exited:\n{}", old.upgraded_log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Until the old proxy is gone, the pid file still names it.
+    assert_eq!(std::fs::read_to_string(&pid_file).unwrap().trim(), old.pid().to_string());
+    let quit = format!("kill -QUIT $(cat {})", pid_file.display());
+    assert!(std::process::Command::new("sh").arg("-c").arg(&quit).status().unwrap().success());
+
+    let started = Instant::now();
+    let mut served = 0;
+    while old.is_running() {
+        let r = get(old.public, "/api/x").await.expect("a request failed during the upgrade");
+        assert_eq!(r.status, 200);
+        served += 1;
+        assert!(started.elapsed() < Duration::from_secs(20), "the old proxy did not exit:\n{}", old.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served > 10, "{served}");
+    for w in old_workers {
+        assert!(!alive(w), "old worker {w} still runs");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::read_to_string(&pid_file).unwrap().trim() != new.id().to_string() {
+        assert!(Instant::now() < deadline, "the pid file does not name the new proxy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(children_of(new.id()).len(), 2);
+    for _ in 0..20 {
+        assert_eq!(get(old.public, "/api/x").await.unwrap().status, 200);
+    }
+    assert_eq!(get(old.status, "/nginx-status").await.unwrap().status, 200);
+    new.kill().ok();
+    new.wait().ok();
+}
+
+#[test]
+fn workers_that_cannot_bind_stop_the_supervisor_with_an_error() {
+    // The public port is taken by a listener without SO_REUSEPORT.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let status = free_port();
+    let text = config_text(taken.local_addr().unwrap().port(), status, dir.path(), &["127.0.0.1:9".parse().unwrap()], &two_workers());
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, text).unwrap();
+    let started = Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_proxy"))
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("workers die before they serve"), "{log}");
+    drop(taken);
+}
