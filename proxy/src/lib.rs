@@ -178,8 +178,8 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), ProxyError> {
     raise_open_files(config.client.max_connections);
     let shared = Shared::new(config.server.processes).map_err(ProxyError::Workers)?;
     if config.server.processes > 1 {
-        return workers::supervise(&config, &options, &shared, |worker| {
-            serve(config.clone(), options.clone(), &shared, Some(worker))
+        return workers::supervise(&config, &options, &shared, |worker, config| {
+            serve(config, options.clone(), &shared, Some(worker))
         });
     }
     serve(config, options, &shared, None)

@@ -16,8 +16,9 @@ use std::time::Instant;
 
 /// Hash rows of the table.
 const ROWS: usize = 4;
-/// Slots per row.
-const WIDTH: usize = 4096;
+/// Slots per row: with 3,000 clients in one second, all four of a client's
+/// slots are shared with another client for about 1 in 1,300 (512 KiB in all).
+const WIDTH: usize = 16384;
 
 /// Counts requests per client IP in one-second windows.
 pub struct RateLimiter {
@@ -92,7 +93,8 @@ impl RateLimiter {
     fn estimate(&self, ip: IpAddr, window: u32) -> u32 {
         (0..ROWS)
             .map(|row| {
-                let w = self.slots[row * WIDTH + (self.hasher.hash_one((row, ip)) as usize % WIDTH)].load(Ordering::Relaxed);
+                let w = self.slots[row * WIDTH + (self.hasher.hash_one((row, ip)) as usize % WIDTH)]
+                    .load(Ordering::Relaxed);
                 if (w >> 32) as u32 == window {
                     w as u32
                 } else {
@@ -139,7 +141,7 @@ mod tests {
     }
 
     #[test]
-    fn thousands_of_clients_are_counted_within_one_of_the_truth() {
+    fn thousands_of_clients_in_one_second_are_counted_exactly_but_for_a_few() {
         let l = RateLimiter::private(100);
         let clients: Vec<IpAddr> = (0..3000u32).map(|i| IpAddr::from((0x0a00_0000 + i).to_be_bytes())).collect();
         for (n, ip) in clients.iter().enumerate() {
@@ -148,6 +150,6 @@ mod tests {
             }
         }
         let exact = clients.iter().enumerate().filter(|(n, ip)| l.estimate(**ip, 1) == (n % 4 + 1) as u32).count();
-        assert!(exact > 2900, "{exact} of 3000 exact");
+        assert!(exact >= 2990, "{exact} of 3000 exact");
     }
 }

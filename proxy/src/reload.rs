@@ -12,7 +12,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::config::{self, Overrides};
+use crate::config::{self, Config, Overrides};
 use crate::State;
 
 /// The background service waiting for `SIGHUP`.
@@ -59,6 +59,20 @@ impl Reloader {
         self.state.metrics.reloads.with_label_values(&["applied"]).inc();
         true
     }
+}
+
+/// The configuration a process started with `running` has after a reload
+/// of `new`: the upstream groups it already has take `new`'s settings, and
+/// nothing else changes (as [`Reloader::reload`] applies it). A worker
+/// process started after reloads starts from this.
+pub fn applied(running: &Config, new: Config) -> Config {
+    let mut out = running.clone();
+    for upstream in new.upstreams {
+        if let Some(group) = out.upstreams.iter_mut().find(|g| g.name == upstream.name) {
+            *group = upstream;
+        }
+    }
+    out
 }
 
 /// Installs the process's `SIGHUP` handler at once, so a reload signal that

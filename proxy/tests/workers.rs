@@ -86,7 +86,10 @@ async fn two_workers_share_the_port_and_report_as_one_proxy() {
     assert_eq!(after[1] - before[1], 60, "accepts");
     let metrics = get(proxy.status, "/metrics").await.unwrap().body;
     assert!(metrics.contains("\nproxy_workers 2\n"), "{metrics}");
-    assert!(metrics.contains("proxy_requests_total{status=\"200\",upstream=\"backends\"} 60\n"), "own {own:?}:\n{metrics}");
+    assert!(
+        metrics.contains("proxy_requests_total{status=\"200\",upstream=\"backends\"} 60\n"),
+        "own {own:?}:\n{metrics}"
+    );
     assert_eq!(total(&metrics, "proxy_connections_accepted_total"), after[1]);
     assert_eq!(metrics.matches("# TYPE proxy_requests_total counter").count(), 1);
 }
@@ -172,8 +175,15 @@ async fn sighup_reaches_every_worker_and_a_killed_worker_is_replaced_and_forgott
         assert!(Instant::now() < deadline, "workers {now:?}\n{}", proxy.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The new worker serves once its metrics socket answers.
+    let dir = proxy.dir().join(format!("upgrade.sock.workers.{}", proxy.pid()));
     for index in 0..2 {
-        own_metrics(&proxy, index).await;
+        let path = dir.join(format!("worker-{index}.sock"));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while tokio::net::UnixStream::connect(&path).await.is_err() {
+            assert!(Instant::now() < deadline, "worker {index} never served\n{}", proxy.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     drop(held);
     // The dead worker's open connections are forgotten with it; the
@@ -271,7 +281,13 @@ fn workers_that_cannot_bind_stop_the_supervisor_with_an_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let status = free_port();
-    let text = config_text(taken.local_addr().unwrap().port(), status, dir.path(), &["127.0.0.1:9".parse().unwrap()], &two_workers());
+    let text = config_text(
+        taken.local_addr().unwrap().port(),
+        status,
+        dir.path(),
+        &["127.0.0.1:9".parse().unwrap()],
+        &two_workers(),
+    );
     let path = dir.path().join("proxy.toml");
     std::fs::write(&path, text).unwrap();
     let started = Instant::now();

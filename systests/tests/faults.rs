@@ -199,7 +199,8 @@ async fn under_steady_load_a_killed_node_costs_no_chat_and_rejoins_after_its_hea
 async fn a_backend_that_loses_redis_is_unready_and_closes_its_sockets_with_1012_then_is_ready_again() {
     let mut redis = OwnRedis::start_persistent();
     let node = AiNode::start(&redis.url(), Pace::QUICK).await;
-    let backend = Backend::builder(&redis.url(), &[&node]).set("stream", "close_when_store_lost", "\"3s\"").start().await;
+    let backend =
+        Backend::builder(&redis.url(), &[&node]).set("stream", "close_when_store_lost", "\"3s\"").start().await;
     backend.wait_healthy_nodes(1).await;
     let ready = || async { http().get(backend.url("/ready")).send().await.unwrap() };
     let res = ready().await;
@@ -224,7 +225,11 @@ async fn a_backend_that_loses_redis_is_unready_and_closes_its_sockets_with_1012_
 
     let close = ws.close_frame(Duration::from_secs(15)).await.expect("a close frame");
     assert_eq!(u16::from(close.code), 1012, "{close:?}");
-    assert!(lost.elapsed() >= Duration::from_secs(2), "not before the store was lost for a while: {:?}", lost.elapsed());
+    assert!(
+        lost.elapsed() >= Duration::from_secs(2),
+        "not before the store was lost for a while: {:?}",
+        lost.elapsed()
+    );
 
     redis.restart();
     assert!(

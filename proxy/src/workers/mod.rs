@@ -149,8 +149,10 @@ pub fn supervise(
     config: &Config,
     options: &RunOptions,
     shared: &Shared,
-    serve: impl Fn(Worker) -> Result<(), ProxyError>,
+    serve: impl Fn(Worker, Config) -> Result<(), ProxyError>,
 ) -> Result<(), ProxyError> {
+    // What a worker started from now on serves with: the file as reloaded.
+    let mut current = config.clone();
     let count = config.server.processes;
     if options.daemon {
         worker_sys::detach().map_err(ProxyError::Workers)?;
@@ -161,11 +163,11 @@ pub fn supervise(
     std::fs::create_dir_all(&dir).map_err(ProxyError::Workers)?;
     let seen = Seen::watch().map_err(ProxyError::Workers)?;
 
-    let spawn = |index: usize| -> io::Result<Running> {
+    let spawn = |index: usize, config: &Config| -> io::Result<Running> {
         match worker_sys::fork()? {
             worker_sys::Forked::Child => {
                 let worker = Worker { index, count, dir: dir.clone() };
-                let code = match serve(worker) {
+                let code = match serve(worker, config.clone()) {
                     Ok(()) => 0,
                     Err(e) => {
                         log::error!("worker {index}: {e}");
@@ -179,7 +181,7 @@ pub fn supervise(
     };
     let mut workers: Vec<Option<Running>> = Vec::with_capacity(count);
     for index in 0..count {
-        workers.push(Some(spawn(index).map_err(ProxyError::Workers)?));
+        workers.push(Some(spawn(index, &current).map_err(ProxyError::Workers)?));
     }
     log::info!("supervisor {}: {count} worker processes", std::process::id());
 
@@ -224,13 +226,20 @@ pub fn supervise(
         if seen.hangup.swap(false, Ordering::Relaxed) {
             log::info!("SIGHUP: passed on to the workers");
             signal_all(&workers, Signal::SIGHUP);
+            // Read here too, so a worker started later serves what the others do.
+            match crate::config::load(&options.config_path, &options.overrides) {
+                Ok(new) => current = crate::reload::applied(&current, new),
+                Err(e) => log::warn!("SIGHUP: workers started later keep the running configuration:\n{e}"),
+            }
         }
         if seen.quit.swap(false, Ordering::Relaxed) && stopping.is_none() {
             if matches!(upgrade, Upgrade::None) && crate::signals::someone_listens_on(upgrade_sock) {
                 log::info!("SIGQUIT: a new proxy serves beside us; draining");
                 seen.terminate.store(true, Ordering::Relaxed);
             } else {
-                log::warn!("SIGQUIT: no new process waits on {upgrade_sock} (start it with --upgrade first); still serving");
+                log::warn!(
+                    "SIGQUIT: no new process waits on {upgrade_sock} (start it with --upgrade first); still serving"
+                );
             }
         }
         if seen.interrupt.swap(false, Ordering::Relaxed) {
@@ -267,7 +276,7 @@ pub fn supervise(
                 continue;
             }
             log::warn!("worker {index} ({status:?}) ended; starting another");
-            match spawn(index) {
+            match spawn(index, &current) {
                 Ok(w) => workers[index] = Some(w),
                 Err(e) => log::error!("cannot start worker {index}: {e}"),
             }

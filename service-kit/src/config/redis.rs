@@ -53,7 +53,11 @@ impl RedisFile {
 
     /// Checks the section.
     pub fn check(&self, c: &mut Checker<'_>) -> RedisSettings {
-        c.url_with_scheme("redis.url", &self.url, &["redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://"]);
+        c.url_with_scheme(
+            "redis.url",
+            &self.url,
+            &["redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://"],
+        );
         RedisSettings {
             url: self.url.get_ref().clone(),
             connect_timeout: c.positive_ms("redis.connect_timeout", &self.connect_timeout, &self.connect_timeout_ms),
