@@ -6,7 +6,12 @@
 #   benches/ab.sh BIN_A BIN_B [CONCURRENCY] [ROUNDS]
 #
 # Environment: PAYLOAD=post4k for the 4 KB POST (default: small GET);
-# SERVER_TOML adds lines to [server] (e.g. "work_stealing = false") of both.
+# CLOSE=1 for a new connection per request; SERVER_TOML replaces the
+# processes/threads lines of [server] in both (default "processes = 2\nthreads = 1",
+# as benches/run.sh), SERVER_TOML_A / SERVER_TOML_B in one only. One binary
+# in two settings: processes against threads,
+#   SERVER_TOML_A='processes = 1\nthreads = 2' SERVER_TOML_B='processes = 2\nthreads = 1' \
+#     benches/ab.sh target/release/proxy target/release/proxy 64 4
 # Example (glibc against jemalloc): build, copy target/release/proxy to
 # /tmp/proxy-a, change the allocator, build again, then
 #   benches/ab.sh /tmp/proxy-a target/release/proxy 16 4
@@ -14,7 +19,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-[[ $# -ge 2 ]] || { sed -n '2,14p' "$0"; exit 64; }
+[[ $# -ge 2 ]] || { sed -n '2,19p' "$0"; exit 64; }
 bins=("$1" "$2")
 conc=${3:-16}
 rounds=${4:-4}
@@ -31,9 +36,11 @@ for i in 1 2 3; do
     backends+=("127.0.0.1:$((18500 + i))")
 done
 proxies=()
+server_toml=("${SERVER_TOML_A:-${SERVER_TOML:-processes = 2\nthreads = 1}}"
+    "${SERVER_TOML_B:-${SERVER_TOML:-processes = 2\nthreads = 1}}")
 for i in 0 1; do
-    sed -e "s/^threads = .*/threads = 2\n${SERVER_TOML:-}/" -e "s|/tmp/bench-proxy|$work/p$i|" \
-        benches/proxy-bench.toml >"$work/p$i.toml"
+    grep -v '^processes = \|^threads = ' benches/proxy-bench.toml |
+        sed -e "s/^\[server\]/[server]\n${server_toml[$i]}/" -e "s|/tmp/bench-proxy|$work/p$i|" >"$work/p$i.toml"
     RUST_LOG=warn PROXY_LISTEN=127.0.0.1:$((18510 + i)) PROXY_STATUS_LISTEN=127.0.0.1:$((18520 + i)) \
         PROXY_BACKENDS=$(IFS=,; echo "${backends[*]}") "${bins[$i]}" --config "$work/p$i.toml" >"$work/p$i.log" 2>&1 &
     proxies+=($!)
@@ -43,13 +50,17 @@ for port in 18501 18502 18503 18510 18511; do
     for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$port/health" && break; sleep 0.1; done
 done
 
-cpu_ticks() { # utime+stime of PID, in clock ticks
-    local stat rest
-    stat=$(cat "/proc/$1/stat")
-    rest=${stat##*) }
-    awk '{print $12 + $13}' <<<"$rest"
+cpu_ticks() { # utime+stime of PID and its children (worker processes), in clock ticks
+    local pid stat rest total=0
+    for pid in "$1" $(pgrep -P "$1" || true); do
+        stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+        rest=${stat##*) }
+        total=$((total + $(awk '{print $12 + $13}' <<<"$rest")))
+    done
+    echo "$total"
 }
-wrk_args=(-t2 -c"$conc" -d3)
+wrk_args=(-t$((conc < 2 ? 1 : 2)) -c"$conc" -d3)
+[[ ${CLOSE:-0} == 1 ]] && wrk_args+=(-H 'Connection: close')
 path=/
 if [[ ${PAYLOAD:-get} == post4k ]]; then
     wrk_args+=(-s benches/wrk/report.lua)

@@ -292,7 +292,7 @@ def main():
         f"Linux {m.get('kernel', '?')}; nginx {m.get('nginx', '?')}, wrk {m.get('wrk', '?')}; git {m.get('git', '?')}. "
         f"Load average before the run: {m.get('load_before', '?')}.",
         "",
-        f"Proxy threads = nginx workers = {m.get('workers', '?')}; "
+        f"Proxy worker processes (one thread each) = nginx worker processes = {m.get('workers', '?')}; "
         + ("proxy/nginx pinned to CPU 1, everything else to CPU 0. " if m.get("pin") else "no CPU pinning (everything shares all cores). ")
         + "The machine is shared and noisy, so compare ratios measured in the same run, not absolute numbers "
         "across runs. Both fronts run without an access log (ours: `RUST_LOG=warn` drops the `access` "

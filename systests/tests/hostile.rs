@@ -1,5 +1,6 @@
 //! Hostile input against a real cluster (2 AI nodes, 2 backends, the edge
-//! proxy, one Redis): malformed HTTP sent as raw bytes, request smuggling,
+//! proxy with 2 worker processes as the benchmarks run it, one Redis):
+//! malformed HTTP sent as raw bytes, request smuggling,
 //! header and body floods, slow clients, bad ids, path traversal, and bad
 //! WebSocket frames written by hand. Every case is a row of a table with the
 //! answer it must get; each runs on its own connection, every read is bounded,
@@ -84,7 +85,11 @@ async fn hostile_battery() {
         HEADER_TIMEOUT.as_millis(),
         BODY_TIMEOUT.as_millis()
     );
-    let mut proxy = EdgeProxy::start_with(&[&backends[0], &backends[1]], &extra).await;
+    // The proxy as the benchmarks run it: 2 worker processes of one thread.
+    let mut proxy =
+        EdgeProxy::start_configured(&[&backends[0], &backends[1]], "processes = 2\nthreads = 1\n", &extra).await;
+    let workers = proxy.workers();
+    assert_eq!(workers.len(), 2, "worker processes: {workers:?}");
 
     // Whatever the proxy is asked to reach besides its backends, it must
     // not connect here.
@@ -105,7 +110,8 @@ async fn hostile_battery() {
 
     // A first normal chat, so memory is measured on a warmed-up cluster.
     still_serves(&proxy).await;
-    let pids: Vec<(String, u32)> = std::iter::once(("proxy".to_string(), proxy.pid()))
+    let pids: Vec<(String, u32)> = std::iter::once(("proxy supervisor".to_string(), proxy.pid()))
+        .chain(workers.iter().enumerate().map(|(i, pid)| (format!("proxy worker {i}"), *pid)))
         .chain(backends.iter().map(|b| (format!("backend {}", b.backend_id), b.pid())))
         .collect();
     let before: Vec<u64> = pids.iter().map(|(_, pid)| rss_kib(*pid)).collect();
@@ -130,6 +136,8 @@ async fn hostile_battery() {
         let rss: Vec<String> = pids.iter().map(|(name, pid)| format!("{name} {} KiB", rss_kib(*pid))).collect();
         println!("round {round}: {:.1?}, RSS: {}", started.elapsed(), rss.join(", "));
         assert!(proxy.is_running(), "the proxy died in round {round}:\n{}", proxy.log_tail());
+        // A worker that died would be replaced unseen: the same ones must serve.
+        assert_eq!(proxy.workers(), workers, "a proxy worker died in round {round}:\n{}", proxy.log_tail());
         for backend in &mut backends {
             assert!(backend.is_running(), "backend {} died in round {round}", backend.backend_id);
         }

@@ -785,6 +785,13 @@ impl EdgeProxy {
     /// Starts the proxy with `extra` TOML and waits until its status listener
     /// shows every backend up.
     pub async fn start_with(backends: &[&Backend], extra: &str) -> EdgeProxy {
+        Self::start_configured(backends, "threads = 2\n", extra).await
+    }
+
+    /// Starts the proxy with `server` as its `[server]` lines (e.g. worker
+    /// processes) and `extra` TOML, and waits until its status listener
+    /// shows every backend up.
+    pub async fn start_configured(backends: &[&Backend], server: &str, extra: &str) -> EdgeProxy {
         let dir = tempfile::tempdir().unwrap();
         let public = free_port();
         let status = free_port();
@@ -793,7 +800,7 @@ impl EdgeProxy {
         std::fs::write(
             &config,
             format!(
-                "[server]\nthreads = 2\ngrace_period = \"0s\"\nshutdown_timeout = \"1s\"\n\
+                "[server]\n{server}grace_period = \"0s\"\nshutdown_timeout = \"1s\"\n\
                  pid_file = \"{dir}/proxy.pid\"\nupgrade_sock = \"{dir}/upgrade.sock\"\n\n\
                  [listen]\npublic = \"127.0.0.1:{public}\"\nstatus = \"127.0.0.1:{status}\"\n\n\
                  [upstreams.backends]\nservers = [{servers}]\nconnect_timeout = \"1s\"\n\n\
@@ -885,6 +892,11 @@ impl EdgeProxy {
         self.child.as_ref().expect("proxy is running").id()
     }
 
+    /// Its worker processes (`server.processes` above 1), from `/proc`.
+    pub fn workers(&self) -> Vec<u32> {
+        children_of(self.pid())
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
@@ -908,6 +920,22 @@ impl Drop for EdgeProxy {
             eprintln!("----- last lines of proxy -----\n{}", self.log_tail());
         }
     }
+}
+
+/// Process ids whose parent is `pid`, in order, from `/proc`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        // "pid (comm) state ppid ..."
+        let ppid = stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').nth(1)?.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(child);
+        }
+    }
+    out.sort();
+    out
 }
 
 /// Resident memory of process `pid` in KiB (`VmRSS` of `/proc/PID/status`).
