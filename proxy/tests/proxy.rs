@@ -472,18 +472,7 @@ async fn graceful_upgrade_hands_the_listeners_to_a_new_process_without_failed_re
 
     // The new process waits on the upgrade socket; the old one sends its listeners on SIGQUIT.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let quit = format!("kill -QUIT $(cat {})", pid_file.display());
-    assert!(std::process::Command::new("sh").arg("-c").arg(&quit).status().unwrap().success(), "{quit}");
-
-    let started = Instant::now();
-    let mut served = 0;
-    while old.is_running() {
-        let r = get(old.public, "/api/x").await.expect("a request failed during the upgrade");
-        assert_eq!(r.status, 200);
-        served += 1;
-        assert!(started.elapsed() < Duration::from_secs(20), "the old process did not exit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let served = old.quit_and_serve_until_gone().await;
     assert!(served > 10);
     // The new process now owns both listeners, and the pid file.
     assert_eq!(get(old.public, "/api/x").await.unwrap().status, 200);

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
+use testkit::children_of;
 use tokio::io::AsyncReadExt;
 
 fn two_workers() -> ProxyOptions {
@@ -18,22 +19,6 @@ fn two_workers() -> ProxyOptions {
 
 fn addrs(backends: &[Backend]) -> Vec<SocketAddr> {
     backends.iter().map(|b| b.addr).collect()
-}
-
-/// Process ids whose parent is `pid`.
-fn children_of(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
-        // "pid (comm) state ppid ..."
-        let ppid = stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').nth(1)?.parse::<u32>().ok());
-        if ppid == Some(pid) {
-            out.push(child);
-        }
-    }
-    out.sort();
-    out
 }
 
 fn alive(pid: u32) -> bool {
@@ -245,18 +230,7 @@ async fn a_graceful_upgrade_serves_beside_the_old_workers_then_takes_over() {
     }
     // Until the old proxy is gone, the pid file still names it.
     assert_eq!(std::fs::read_to_string(&pid_file).unwrap().trim(), old.pid().to_string());
-    let quit = format!("kill -QUIT $(cat {})", pid_file.display());
-    assert!(std::process::Command::new("sh").arg("-c").arg(&quit).status().unwrap().success());
-
-    let started = Instant::now();
-    let mut served = 0;
-    while old.is_running() {
-        let r = get(old.public, "/api/x").await.expect("a request failed during the upgrade");
-        assert_eq!(r.status, 200);
-        served += 1;
-        assert!(started.elapsed() < Duration::from_secs(20), "the old proxy did not exit:\n{}", old.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let served = old.quit_and_serve_until_gone().await;
     assert!(served > 10, "{served}");
     for w in old_workers {
         assert!(!alive(w), "old worker {w} still runs");

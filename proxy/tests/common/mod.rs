@@ -385,6 +385,25 @@ impl Proxy {
         }
     }
 
+    /// Sends `kill -QUIT $(cat pid_file)` as the README's upgrade steps do,
+    /// then a request every 20 ms until this (old) process has exited, at
+    /// most 20 s: every one must be answered 200. Returns how many were.
+    pub async fn quit_and_serve_until_gone(&mut self) -> usize {
+        let pid_file = self.dir.path().join("proxy.pid");
+        let quit = format!("kill -QUIT $(cat {})", pid_file.display());
+        assert!(Command::new("sh").arg("-c").arg(&quit).status().unwrap().success(), "{quit}");
+        let started = Instant::now();
+        let mut served = 0;
+        while self.is_running() {
+            let r = get(self.public, "/api/x").await.expect("a request failed during the upgrade");
+            assert_eq!(r.status, 200);
+            served += 1;
+            assert!(started.elapsed() < Duration::from_secs(20), "the old proxy did not exit:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        served
+    }
+
     /// Its temporary directory (config, logs, pid file, upgrade socket).
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
