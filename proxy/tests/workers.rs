@@ -277,3 +277,40 @@ fn workers_that_cannot_bind_stop_the_supervisor_with_an_error() {
     assert!(log.contains("workers die before they serve"), "{log}");
     drop(taken);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_a_daemon_the_supervisor_detaches_and_its_workers_serve() {
+    let backends = vec![Backend::start("only")];
+    let dir = tempfile::tempdir().unwrap();
+    let (public, status) = (free_port(), free_port());
+    let text = config_text(public, status, dir.path(), &addrs(&backends), &two_workers());
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, text).unwrap();
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_proxy")).arg("--config").arg(&path).arg("-d").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The foreground process has exited; the pid file names the detached supervisor.
+    let pid_file = dir.path().join("proxy.pid");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let supervisor = loop {
+        let pid = std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<u32>().ok());
+        if let Some(pid) = pid.filter(|p| children_of(*p).len() == 2) {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "no supervisor with 2 workers (pid file: {pid:?})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let public = SocketAddr::from(([127, 0, 0, 1], public));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(public, "/api/x").await.map(|r| r.status).ok() != Some(200) {
+        assert!(Instant::now() < deadline, "the daemon's workers do not serve");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let workers = children_of(supervisor);
+    assert!(std::process::Command::new("kill").args(["-TERM", &supervisor.to_string()]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(supervisor) || workers.iter().any(|w| alive(*w)) {
+        assert!(Instant::now() < deadline, "the daemon did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
