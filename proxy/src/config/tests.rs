@@ -131,3 +131,17 @@ fn shipped_config_file_is_valid() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/proxy.toml");
     load(&path, &Overrides::default()).unwrap();
 }
+
+#[test]
+fn worker_processes_default_to_one_and_are_bounded() {
+    let c = parse("t.toml", SERVERS, &Overrides::default()).unwrap();
+    assert_eq!((c.server.processes, c.server.threads), (1, 2));
+    let c =
+        parse("t.toml", &format!("[server]\nprocesses = 4\nthreads = 1\n{SERVERS}"), &Overrides::default()).unwrap();
+    assert_eq!((c.server.processes, c.server.threads), (4, 1));
+    for bad in ["0", "65"] {
+        let p = problems(&format!("[server]\nprocesses = {bad}\n{SERVERS}"));
+        let keys: Vec<_> = p.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        assert_eq!(keys, [("server.processes", Some(2))], "{p:?}");
+    }
+}
