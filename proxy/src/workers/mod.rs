@@ -12,7 +12,7 @@
 //!
 //! Why: one process per core does about 20% more requests per CPU-second
 //! than one process with as many threads (no cross-thread wake-ups or work
-//! stealing; `benches/results`), and each process has its own open-files
+//! stealing; the `benches/ab.sh` A/B in the README), and each process has its own open-files
 //! limit, which two descriptors per proxied WebSocket reach first.
 //!
 //! Graceful upgrade (`-u`): the new supervisor's workers bind the same ports
