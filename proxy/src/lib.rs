@@ -188,13 +188,13 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), ProxyError> {
 /// Serves in this process: the whole proxy, or one worker of several.
 fn serve(config: Config, options: RunOptions, shared: &Shared, worker: Option<Worker>) -> Result<(), ProxyError> {
     reload::catch_sighup_early();
-    let startup = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     if worker.is_some() {
         // Pingora would log a failed bind and serve on without the listener;
         // a worker that cannot share a port exits instead (and its supervisor
         // stops after three such).
-        startup.block_on(async { workers::check_ports_shareable(&config) }).map_err(ProxyError::Workers)?;
+        workers::check_ports_shareable(&config).map_err(ProxyError::Workers)?;
     }
+    let startup = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let state = startup.block_on(async {
         let state = State::new(config.clone(), shared, worker.clone()).await;
         // One round of checks before listening: a process taking over the

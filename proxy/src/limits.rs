@@ -63,12 +63,16 @@ impl RateLimiter {
         self.observe(ip, window) <= self.per_second
     }
 
+    /// `ip`'s slot in hash row `row`.
+    fn slot(&self, row: usize, ip: IpAddr) -> &AtomicU64 {
+        &self.slots[row * WIDTH + (self.hasher.hash_one((row, ip)) as usize % WIDTH)]
+    }
+
     /// Adds one request from `ip` in `window`; the estimate of its requests there.
     fn observe(&self, ip: IpAddr, window: u32) -> u32 {
         let mut least = u32::MAX;
         for row in 0..ROWS {
-            let i = row * WIDTH + (self.hasher.hash_one((row, ip)) as usize % WIDTH);
-            let slot = &self.slots[i];
+            let slot = self.slot(row, ip);
             let mut now = slot.load(Ordering::Relaxed);
             let count = loop {
                 let next = if (now >> 32) as u32 == window {
@@ -93,8 +97,7 @@ impl RateLimiter {
     fn estimate(&self, ip: IpAddr, window: u32) -> u32 {
         (0..ROWS)
             .map(|row| {
-                let w = self.slots[row * WIDTH + (self.hasher.hash_one((row, ip)) as usize % WIDTH)]
-                    .load(Ordering::Relaxed);
+                let w = self.slot(row, ip).load(Ordering::Relaxed);
                 if (w >> 32) as u32 == window {
                     w as u32
                 } else {

@@ -32,16 +32,18 @@ impl ShutdownSignalWatch for Signals {
                     if someone_listens_on(&self.upgrade_sock) {
                         return ShutdownSignal::GracefulUpgrade;
                     }
-                    log::warn!(
-                        "SIGQUIT: no new process waits on {} (start it with --upgrade first); still serving",
-                        self.upgrade_sock
-                    );
+                    ignored_quit(&self.upgrade_sock);
                 }
                 _ = terminate.recv() => return ShutdownSignal::GracefulTerminate,
                 _ = interrupt.recv() => return ShutdownSignal::FastShutdown,
             }
         }
     }
+}
+
+/// Logs a `SIGQUIT` that is not obeyed: nobody waits to take over.
+pub fn ignored_quit(upgrade_sock: &str) {
+    log::warn!("SIGQUIT: no new process waits on {upgrade_sock} (start it with --upgrade first); still serving");
 }
 
 /// Whether a Unix socket bound to `path` is listening, from `/proc/net/unix`

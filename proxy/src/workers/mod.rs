@@ -237,9 +237,7 @@ pub fn supervise(
                 log::info!("SIGQUIT: a new proxy serves beside us; draining");
                 seen.terminate.store(true, Ordering::Relaxed);
             } else {
-                log::warn!(
-                    "SIGQUIT: no new process waits on {upgrade_sock} (start it with --upgrade first); still serving"
-                );
+                crate::signals::ignored_quit(upgrade_sock);
             }
         }
         if seen.interrupt.swap(false, Ordering::Relaxed) {
