@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A/B of two proxy builds: both run at once in front of the same 3 backends,
 # and wrk alternates between them, so drift in the machine's load hits both.
-# Prints req/s and CPU seconds per 100k requests of each, per round.
+# Prints req/s, CPU seconds per 100k requests and p99 latency of each, per round.
 #
 #   benches/ab.sh BIN_A BIN_B [CONCURRENCY] [ROUNDS]
 #
@@ -59,7 +59,7 @@ cpu_ticks() { # utime+stime of PID and its children (worker processes), in clock
     done
     echo "$total"
 }
-wrk_args=(-t$((conc < 2 ? 1 : 2)) -c"$conc" -d3)
+wrk_args=(-t$((conc < 2 ? 1 : 2)) -c"$conc" -d3 --latency)
 [[ ${CLOSE:-0} == 1 ]] && wrk_args+=(-H 'Connection: close')
 path=/
 if [[ ${PAYLOAD:-get} == post4k ]]; then
@@ -75,7 +75,8 @@ for r in $(seq "$rounds"); do
         after=$(cpu_ticks "${proxies[$i]}")
         n=$(awk '/requests in/ {print $1}' <<<"$out")
         rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-        printf 'round %s  %s  %s  req/s %s  CPU s/100k %s\n' "$r" "$([[ $i == 0 ]] && echo A || echo B)" \
-            "${bins[$i]}" "$rps" "$(awk -v t=$((after - before)) -v n="$n" -v hz="$hz" 'BEGIN {printf "%.2f", t / hz / n * 100000}')"
+        p99=$(awk '$1 == "99%" {print $2; exit}' <<<"$out")
+        printf 'round %s  %s  %s  req/s %s  CPU s/100k %s  p99 %s\n' "$r" "$([[ $i == 0 ]] && echo A || echo B)" \
+            "${bins[$i]}" "$rps" "$(awk -v t=$((after - before)) -v n="$n" -v hz="$hz" 'BEGIN {printf "%.2f", t / hz / n * 100000}')" "$p99"
     done
 done
