@@ -6,8 +6,10 @@
 //! timeout restarts on every byte, so a trickling client would never time out).
 
 use std::any::Any;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::BytesMut;
@@ -64,6 +66,34 @@ impl<A> Connections<A> {
     }
 }
 
+/// How often the timer anchor ([`anchor_timers`]) wakes.
+const ANCHOR_PERIOD: Duration = Duration::from_millis(250);
+
+/// Keeps a timer due within [`ANCHOR_PERIOD`] on the calling thread's
+/// runtime (started once per thread, ended by `shutdown`). Tokio's timer
+/// wheel writes to its driver's eventfd whenever a new timer is due before
+/// the earliest one it will wake for, whether or not the thread is asleep;
+/// with per-request deadlines of seconds and no earlier timer, that is one
+/// `write` for most requests. With the anchor due sooner, a request's
+/// deadline never is the earliest.
+fn anchor_timers(shutdown: &ShutdownWatch) {
+    thread_local! {
+        static ANCHORED: Cell<bool> = const { Cell::new(false) };
+    }
+    if ANCHORED.with(|a| a.replace(true)) {
+        return;
+    }
+    let mut shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        while !*shutdown.borrow() {
+            tokio::select! {
+                _ = tokio::time::sleep(ANCHOR_PERIOD) => {}
+                changed = shutdown.changed() => if changed.is_err() { return },
+            }
+        }
+    });
+}
+
 /// Decrements the open-connection count when a connection ends, however.
 struct OpenConnection(Arc<State>);
 
@@ -80,6 +110,7 @@ where
     A: HttpServerApp + Send + Sync + 'static,
 {
     async fn process_new(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        anchor_timers(shutdown);
         let state = &self.requests.state;
         state.stats.accepts.fetch_add(1, Ordering::Relaxed);
         state.metrics.connections_accepted.inc();
