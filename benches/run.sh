@@ -29,6 +29,8 @@
 # are skipped without it), oha (cargo, only with HTTP_TOOL=oha; wrk is the
 # default because it reports p99.9 through its Lua hook).
 # Writes OUT/README.md (tables, machine), OUT/*.png and OUT/raw/ (JSON, CSV).
+# benches/results/ws-run-5.md is one such README from PARTS="ws steady"
+# OUT=/tmp/wsrun (stream cells only, after the WebSocket warm-up was added).
 # Only loopback addresses are used. Ports: 18080-18290.
 set -euo pipefail
 
@@ -323,7 +325,22 @@ PY
     done
 }
 
+# Both fronts carry N sessions once before anything is measured, as the HTTP
+# part warms up: the first 1,000 sockets a process holds grow its heap, and
+# round 1 (ours first) would otherwise pay that for ours alone.
+warm_ws() {
+    log "warming up both WebSocket fronts ($1 sessions, 1 chat each, not measured)"
+    local port
+    for port in 18180 18280; do
+        on_cpu 0 timeout 120 "$BIN/loadgen" ws --url "ws://127.0.0.1:$port/ws/chat" --sessions "$1" \
+            --chats-per-session 1 --concurrency 128 --source-ips 64 --chat-timeout 60 \
+            --out "$WORK/warm-$port.json" >/dev/null 2>&1 || log "  warm-up through port $port failed"
+        sleep 1
+    done
+}
+
 ws_part() {
+    warm_ws 1000
     log "WebSocket streams: sessions ${WS_SESSIONS}, 1 chat each at once, then 2 more in turn"
     # shellcheck disable=SC2086
     stream_cells ws 0 $WS_SESSIONS
