@@ -285,6 +285,13 @@ start_cluster() {
     log "  backends ${WS_BACKENDS[*]}; proxy pid $CLUSTER_PROXY; nginx pid $NGINX_WS"
 }
 
+# ws_load PORT SESSIONS CHATS SPREAD_MS OUT: one loadgen ws run through a front.
+ws_load() {
+    on_cpu 0 timeout 300 "$BIN/loadgen" ws --url "ws://127.0.0.1:$1/ws/chat" --sessions "$2" \
+        --chats-per-session "$3" --concurrency 128 --source-ips 64 --chat-timeout 60 --spread-ms "$4" \
+        --out "$5" >/dev/null
+}
+
 # stream_cells PREFIX SPREAD_MS SESSIONS...: loadgen ws through our proxy and
 # nginx, N sessions of 3 chats each, first chats spread over SPREAD_MS (0: all
 # at once); reports go to RAW/PREFIX-FRONT-N.json with the front's CPU.
@@ -303,9 +310,7 @@ stream_cells() {
             local before after out=$RAW/$prefix-$target-$n-r$round.json err=$WORK/$prefix-$target-$n.err
             # shellcheck disable=SC2086
             before=$(cpu_ticks $pids)
-            on_cpu 0 timeout 300 "$BIN/loadgen" ws --url "ws://127.0.0.1:$port/ws/chat" --sessions "$n" \
-                --chats-per-session "$chats" --concurrency 128 --source-ips 64 --chat-timeout 60 --spread-ms "$spread" \
-                --out "$out" >/dev/null 2>"$err" || log "  loadgen ws failed: $(tail -3 "$err")"
+            ws_load "$port" "$n" "$chats" "$spread" "$out" 2>"$err" || log "  loadgen ws failed: $(tail -3 "$err")"
             # shellcheck disable=SC2086
             after=$(cpu_ticks $pids)
             python3 - "$out" $((after - before)) "$CLK_TCK" "$target" <<'PY' || true
@@ -332,9 +337,7 @@ warm_ws() {
     log "warming up both WebSocket fronts ($1 sessions, 1 chat each, not measured)"
     local port
     for port in 18180 18280; do
-        on_cpu 0 timeout 120 "$BIN/loadgen" ws --url "ws://127.0.0.1:$port/ws/chat" --sessions "$1" \
-            --chats-per-session 1 --concurrency 128 --source-ips 64 --chat-timeout 60 \
-            --out "$WORK/warm-$port.json" >/dev/null 2>&1 || log "  warm-up through port $port failed"
+        ws_load "$port" "$1" 1 0 "$WORK/warm-$port.json" 2>/dev/null || log "  warm-up through port $port failed"
         sleep 1
     done
 }
