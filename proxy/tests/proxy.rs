@@ -235,6 +235,34 @@ async fn websocket_echoes_through_the_proxy_and_an_idle_socket_outlives_http_tim
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_idle_past_its_timeout_is_closed_and_traffic_keeps_one_open() {
+    let backends = vec![Backend::start("ws1")];
+    let options = ProxyOptions { ws_idle: "1s".into(), ..Default::default() };
+    let proxy = Proxy::start(&addrs(&backends), options).await;
+    let url = format!("ws://{}/ws/chat?session_id=s-idle", proxy.public);
+    let (mut busy, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let (mut idle, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+
+    // A frame every 400 ms keeps `busy` open for 2.4 s, past the 1 s idle time.
+    let started = std::time::Instant::now();
+    for i in 0..6 {
+        busy.send(Message::Text(format!("ping {i}").into())).await.unwrap();
+        let echoed = tokio::time::timeout(Duration::from_secs(5), busy.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), format!("ws1:ping {i}"));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    // `idle` sent nothing: the proxy closed it (its TCP connection ends).
+    let end = tokio::time::timeout(Duration::from_secs(5), idle.next()).await.expect("the idle socket is closed");
+    assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    let metrics = get(proxy.status, "/metrics").await.unwrap().body;
+    assert!(metrics.contains("proxy_websockets_active 1"), "{metrics}");
+    busy.send(Message::Text("last".into())).await.unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), busy.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(echoed.into_text().unwrap().as_str(), "ws1:last");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_a_new_upstream_list_and_open_websockets_stay_up() {
     let first = Backend::start("old");
     let mut options = ProxyOptions::default();

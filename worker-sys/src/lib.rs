@@ -7,7 +7,10 @@
 //!   are the same memory (nginx's shared zones do the same);
 //! - [`fork`] (and [`detach`], a daemon's double fork), refused unless the calling process has a single thread (after
 //!   `fork` only async-signal-safe calls are allowed in a multi-threaded
-//!   process's child; a single-threaded one's child is an ordinary process).
+//!   process's child; a single-threaded one's child is an ordinary process);
+//! - [`dup_fd`]: a second descriptor for a socket held by a wrapper that
+//!   cannot give it back (Pingora's `Stream`), so a WebSocket tunnel can run
+//!   on the bare socket.
 
 use std::io;
 use std::sync::atomic::AtomicU64;
@@ -132,4 +135,13 @@ mod tests {
         let e = fork().unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
     }
+}
+
+/// A second descriptor for the open socket (or file) behind `io` (`dup`):
+/// it stays open when `io` is dropped, so a connection can leave a wrapper
+/// that owns its descriptor but offers no way to take it back.
+pub fn dup_fd(io: &impl std::os::fd::AsRawFd) -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: `io` is borrowed for the whole call, so its descriptor is open
+    // while it is borrowed here; the clone is a new descriptor we own.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(io.as_raw_fd()) }.try_clone_to_owned()
 }

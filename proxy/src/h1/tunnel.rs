@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use pingora_core::protocols::Stream;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use pingora_core::protocols::{l4, Stream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -15,8 +15,28 @@ use tokio::time::Instant;
 /// tunnel is idle; they are most of what an idle tunnel holds.)
 const BUFFER: usize = 2048;
 
-/// Runs the tunnel to its end.
-pub async fn run(mut client: Stream, mut upstream: TcpStream, idle: Duration) {
+/// Runs the tunnel to its end. A plain TCP client leaves Pingora's `Stream`
+/// for its bare socket first: the wrapper's per-read and per-write
+/// bookkeeping (rewind buffer, pending-time accounting, buffered writer) is
+/// for HTTP, not for frames passed through.
+pub async fn run(client: Stream, upstream: TcpStream, idle: Duration) {
+    let fd = match client.as_any().downcast_ref::<l4::stream::Stream>().map(worker_sys::dup_fd) {
+        Some(Ok(fd)) => fd,
+        _ => return pass(client, upstream, idle).await,
+    };
+    // Dropping the wrapper closes its descriptor and takes it out of the
+    // runtime's poller; the duplicate keeps the connection open. (The lean
+    // path reads into its own buffer and writes unbuffered, so the wrapper
+    // holds no bytes.)
+    drop(client);
+    let socket = std::net::TcpStream::from(fd);
+    match socket.set_nonblocking(true).and_then(|()| TcpStream::from_std(socket)) {
+        Ok(socket) => pass(socket, upstream, idle).await,
+        Err(e) => log::warn!("websocket tunnel: cannot register the client socket, closing: {e}"),
+    }
+}
+
+async fn pass<C: AsyncRead + AsyncWrite + Unpin>(mut client: C, mut upstream: TcpStream, idle: Duration) {
     let mut from_client = vec![0u8; BUFFER];
     let mut from_upstream = vec![0u8; BUFFER];
     let (mut up_read, mut up_write) = upstream.split();

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# A/B of two proxy builds on the stream cell: one cluster (3 AI nodes, 3
+# backends, embedded bus) with BIN_A as its proxy, BIN_B beside it on the same
+# backends, and nginx too (NGINX=0 leaves it out). Every round runs
+# `loadgen ws` through each front in turn (the order rotates), and the
+# publish->client p99 and the front's CPU are printed per round, with the
+# medians at the end.
+#
+#   benches/ws-ab.sh BIN_A BIN_B [SESSIONS] [ROUNDS]      (defaults 1000, 5)
+#
+# Environment: SPREAD_MS [0] spreads the first chats (as run.sh's steady cells);
+# CHATS [3] chats per session.
+# Ports: 18600-18601 (cluster), 18610-18611 (B), 18620 (nginx).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+[[ $# -ge 2 ]] || { sed -n '2,13p' "$0"; exit 64; }
+bin_a=$(realpath "$1") bin_b=$(realpath "$2")
+sessions=${3:-1000}
+rounds=${4:-5}
+spread=${SPREAD_MS:-0}
+chats=${CHATS:-3}
+[[ ${NGINX:-1} == 1 ]] && ! command -v nginx >/dev/null && { apt-get update -qq && apt-get install -y -qq nginx >/dev/null; }
+cargo build --release -q -p loadgen -p cluster
+work=$(mktemp -d /tmp/ws-ab.XXXXXX)
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true; sleep 1; rm -rf "$work"' EXIT
+
+RUST_LOG=warn target/release/cluster --conf benches/conf --port 18600 --status-port 18601 --embedded \
+    --proxy-bin "$bin_a" >"$work/cluster.log" 2>&1 &
+cluster=$!
+pids+=($cluster)
+for _ in $(seq 300); do grep -q 'chat cluster is up' "$work/cluster.log" && break; sleep 0.1; done
+grep -q 'chat cluster is up' "$work/cluster.log" || { cat "$work/cluster.log" >&2; exit 1; }
+mapfile -t backends < <(awk '$1 ~ /^backend-[0-9]+$/ {sub("http://", "", $2); print $2}' "$work/cluster.log")
+proxy_a=$(pgrep -P "$cluster" -x "$(basename "$bin_a")" | head -1)
+
+sed -e "s|/tmp/bench-cluster-proxy|$work/b|" benches/conf/proxy.toml >"$work/b.toml"
+RUST_LOG=warn PROXY_LISTEN=127.0.0.1:18610 PROXY_STATUS_LISTEN=127.0.0.1:18611 \
+    PROXY_BACKENDS=$(IFS=,; echo "${backends[*]}") "$bin_b" --config "$work/b.toml" >"$work/b.log" 2>&1 &
+proxy_b=$!
+pids+=($proxy_b)
+fronts=(A B) ports=(18600 18610) masters=("$proxy_a" "$proxy_b")
+if [[ ${NGINX:-1} == 1 ]]; then
+    mkdir -p "$work/nginx"
+    servers=""; for s in "${backends[@]}"; do servers+="server $s; "; done
+    sed -e "s|@WORKERS@|2|" -e "s|@LISTEN@|127.0.0.1:18620|" -e "s|@PREFIX@|$work/nginx|g" \
+        -e "s|@SERVERS@|$servers|" benches/nginx.conf.in >"$work/nginx/nginx.conf"
+    nginx -c "$work/nginx/nginx.conf" -p "$work/nginx" >"$work/nginx/stdout.log" 2>&1 </dev/null &
+    pids+=($!)
+    fronts+=(nginx) ports+=(18620) masters+=($!)
+fi
+for port in "${ports[@]}"; do
+    for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$port/api/ai-health" && break; sleep 0.1; done
+done
+
+cpu_ticks() { # utime+stime of a master and its workers, in clock ticks
+    local pid stat rest total=0
+    for pid in "$1" $(pgrep -P "$1" || true); do
+        stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+        rest=${stat##*) }
+        total=$((total + $(awk '{print $12 + $13}' <<<"$rest")))
+    done
+    echo "$total"
+}
+load() { # load PORT SESSIONS CHATS SPREAD OUT
+    timeout 300 target/release/loadgen ws --url "ws://127.0.0.1:$1/ws/chat" --sessions "$2" \
+        --chats-per-session "$3" --concurrency 128 --source-ips 64 --chat-timeout 60 --spread-ms "$4" \
+        --out "$5" >/dev/null 2>"$work/load.err"
+}
+
+echo "warm-up: $sessions sessions, 1 chat, through each front" >&2
+for i in "${!fronts[@]}"; do load "${ports[$i]}" "$sessions" 1 0 "$work/warm.json" || true; sleep 1; done
+n=${#fronts[@]}
+for round in $(seq "$rounds"); do
+    for k in $(seq 0 $((n - 1))); do
+        i=$(((k + round - 1) % n))
+        before=$(cpu_ticks "${masters[$i]}")
+        load "${ports[$i]}" "$sessions" "$chats" "$spread" "$work/${fronts[$i]}-$round.json" ||
+            echo "loadgen failed: $(tail -2 "$work/load.err")" >&2
+        after=$(cpu_ticks "${masters[$i]}")
+        echo "$((after - before))" >"$work/${fronts[$i]}-$round.cpu"
+        sleep 1
+    done
+done
+python3 - "$work" "$rounds" "$(getconf CLK_TCK)" "${fronts[@]}" <<'PY'
+import json, statistics, sys
+work, rounds, hz, fronts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+rows = {f: [] for f in fronts}
+for r in range(1, rounds + 1):
+    line = [f"round {r}:"]
+    for f in fronts:
+        try:
+            j = json.load(open(f"{work}/{f}-{r}.json"))
+        except Exception:
+            line.append(f"{f} failed"); continue
+        cpu = int(open(f"{work}/{f}-{r}.cpu").read()) / hz
+        p = j["publish_to_client"]["p99_ms"]
+        rows[f].append((p, cpu, j["lost_chunks"], j["complete"], j["chats"]))
+        line.append(f"{f} p99 {p:6.2f} ms cpu {cpu:5.2f} s lost {j['lost_chunks']} {j['complete']}/{j['chats']}")
+    print("  ".join(line))
+for f in fronts:
+    if rows[f]:
+        print(f"{f:6} median p99 {statistics.median(r[0] for r in rows[f]):6.2f} ms  "
+              f"median cpu {statistics.median(r[1] for r in rows[f]):5.2f} s  lost {sum(r[2] for r in rows[f])}")
+PY
