@@ -3,7 +3,8 @@
 # backends, embedded bus) with BIN_A as its proxy, BIN_B beside it on the same
 # backends, and nginx too (NGINX=0 leaves it out). Every round runs
 # `loadgen ws` through each front in turn (the order rotates), and the
-# publish->client p99 and the front's CPU are printed per round, with the
+# publish->client p99 and the CPU of the front, of the cluster (AI nodes and
+# backends) and of the load generator are printed per round, with the
 # medians at the end.
 #
 #   benches/ws-ab.sh BIN_A BIN_B [SESSIONS] [ROUNDS]      (defaults 1000, 5)
@@ -75,11 +76,14 @@ n=${#fronts[@]}
 for round in $(seq "$rounds"); do
     for k in $(seq 0 $((n - 1))); do
         i=$(((k + round - 1) % n))
-        before=$(cpu_ticks "${masters[$i]}")
+        before=$(cpu_ticks "${masters[$i]}") cluster_before=$(cpu_ticks "$cluster")
+        # bash's `times`: user and system time of this shell's children (the load generator).
+        load_before=$(times | awk 'NR == 2 {print $1 " " $2}')
         load "${ports[$i]}" "$sessions" "$chats" "$spread" "$work/${fronts[$i]}-$round.json" ||
             echo "loadgen failed: $(tail -2 "$work/load.err")" >&2
-        after=$(cpu_ticks "${masters[$i]}")
-        echo "$((after - before))" >"$work/${fronts[$i]}-$round.cpu"
+        load_after=$(times | awk 'NR == 2 {print $1 " " $2}')
+        after=$(cpu_ticks "${masters[$i]}") cluster_after=$(cpu_ticks "$cluster")
+        echo "$((after - before)) $((cluster_after - cluster_before)) $load_before $load_after" >"$work/${fronts[$i]}-$round.cpu"
         sleep 1
     done
 done
@@ -94,13 +98,18 @@ for r in range(1, rounds + 1):
             j = json.load(open(f"{work}/{f}-{r}.json"))
         except Exception:
             line.append(f"{f} failed"); continue
-        cpu = int(open(f"{work}/{f}-{r}.cpu").read()) / hz
+        front, cluster, *times = open(f"{work}/{f}-{r}.cpu").read().split()
+        secs = lambda t: float(t[:t.index("m")]) * 60 + float(t[t.index("m") + 1:-1])  # "0m1.234s"
+        load = sum(secs(t) for t in times[2:]) - sum(secs(t) for t in times[:2])
+        cpu, cluster = int(front) / hz, int(cluster) / hz
         p = j["publish_to_client"]["p99_ms"]
-        rows[f].append((p, cpu, j["lost_chunks"], j["complete"], j["chats"]))
-        line.append(f"{f} p99 {p:6.2f} ms cpu {cpu:5.2f} s lost {j['lost_chunks']} {j['complete']}/{j['chats']}")
+        rows[f].append((p, cpu, j["lost_chunks"], cluster, load))
+        line.append(f"{f} p99 {p:6.2f} ms cpu {cpu:4.2f}/{cluster:4.2f}/{load:4.2f} s lost {j['lost_chunks']}")
     print("  ".join(line))
 for f in fronts:
     if rows[f]:
-        print(f"{f:6} median p99 {statistics.median(r[0] for r in rows[f]):6.2f} ms  "
-              f"median cpu {statistics.median(r[1] for r in rows[f]):5.2f} s  lost {sum(r[2] for r in rows[f])}")
+        m = lambda k: statistics.median(r[k] for r in rows[f])
+        print(f"{f:6} median p99 {m(0):6.2f} ms  median CPU s: front {m(1):5.2f}, cluster {m(3):5.2f}, "
+              f"loadgen {m(4):5.2f}  lost {sum(r[2] for r in rows[f])}")
 PY
+echo "(CPU per round: front/cluster/loadgen seconds)"
