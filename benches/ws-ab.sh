@@ -10,7 +10,8 @@
 #   benches/ws-ab.sh BIN_A BIN_B [SESSIONS] [ROUNDS]      (defaults 1000, 5)
 #
 # Environment: SPREAD_MS [0] spreads the first chats (as run.sh's steady cells);
-# CHATS [3] chats per session.
+# CHATS [3] chats per session; SERVER_TOML_B adds lines to B's [server]
+# (one binary in two settings: SERVER_TOML_B='work_stealing = false').
 # Ports: 18600-18601 (cluster), 18610-18611 (B), 18620 (nginx).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -36,7 +37,7 @@ grep -q 'chat cluster is up' "$work/cluster.log" || { cat "$work/cluster.log" >&
 mapfile -t backends < <(awk '$1 ~ /^backend-[0-9]+$/ {sub("http://", "", $2); print $2}' "$work/cluster.log")
 proxy_a=$(pgrep -P "$cluster" -x "$(basename "$bin_a")" | head -1)
 
-sed -e "s|/tmp/bench-cluster-proxy|$work/b|" benches/conf/proxy.toml >"$work/b.toml"
+sed -e "s|/tmp/bench-cluster-proxy|$work/b|" -e "s/^\[server\]/[server]\n${SERVER_TOML_B:-}/" benches/conf/proxy.toml >"$work/b.toml"
 RUST_LOG=warn PROXY_LISTEN=127.0.0.1:18610 PROXY_STATUS_LISTEN=127.0.0.1:18611 \
     PROXY_BACKENDS=$(IFS=,; echo "${backends[*]}") "$bin_b" --config "$work/b.toml" >"$work/b.log" 2>&1 &
 proxy_b=$!
@@ -78,10 +79,10 @@ for round in $(seq "$rounds"); do
         i=$(((k + round - 1) % n))
         before=$(cpu_ticks "${masters[$i]}") cluster_before=$(cpu_ticks "$cluster")
         # bash's `times`: user and system time of this shell's children (the load generator).
-        load_before=$(times | awk 'NR == 2 {print $1 " " $2}')
+        times >"$work/times"; load_before=$(awk 'NR == 2 {print $1 " " $2}' "$work/times")
         load "${ports[$i]}" "$sessions" "$chats" "$spread" "$work/${fronts[$i]}-$round.json" ||
             echo "loadgen failed: $(tail -2 "$work/load.err")" >&2
-        load_after=$(times | awk 'NR == 2 {print $1 " " $2}')
+        times >"$work/times"; load_after=$(awk 'NR == 2 {print $1 " " $2}' "$work/times")
         after=$(cpu_ticks "${masters[$i]}") cluster_after=$(cpu_ticks "$cluster")
         echo "$((after - before)) $((cluster_after - cluster_before)) $load_before $load_after" >"$work/${fronts[$i]}-$round.cpu"
         sleep 1
