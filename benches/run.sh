@@ -2,7 +2,7 @@
 # Benchmarks: our proxy against nginx (HTTP), WebSocket streaming at scale,
 # idle WebSocket capacity, and criterion microbenchmarks of the hot paths.
 #
-# Usage:  benches/run.sh                 full run (about 25 minutes after the build)
+# Usage:  benches/run.sh                 full run (about 32 minutes after the build)
 #         FULL=0 benches/run.sh          smoke run (about 3 minutes)
 #
 # Environment (defaults in brackets):
@@ -12,7 +12,7 @@
 #                       each) = nginx worker_processes
 #   CONCURRENCIES       HTTP client connections [1 16 64 256]
 #   HTTP_SECS [5]       seconds per HTTP cell (after a 1 s warm-up)
-#   HTTP_ROUNDS [3]     rounds of every HTTP cell for our proxy and nginx,
+#   HTTP_ROUNDS [5]     rounds of every HTTP cell for our proxy and nginx,
 #                       alternating; the report takes each figure's median
 #                       (direct, the ceiling, runs once)
 #   WS_SESSIONS         concurrent streams per WebSocket cell [100 1000 3000]
@@ -45,7 +45,7 @@ OUT=${OUT:-$ROOT/benches/results}
 if [[ $FULL == 1 ]]; then
     CONCURRENCIES=${CONCURRENCIES:-1 16 64 256}
     HTTP_SECS=${HTTP_SECS:-5}
-    HTTP_ROUNDS=${HTTP_ROUNDS:-3}
+    HTTP_ROUNDS=${HTTP_ROUNDS:-5}
     WS_ROUNDS=${WS_ROUNDS:-5}
     WS_SESSIONS=${WS_SESSIONS:-100 1000 3000}
     WS_STEADY_SESSIONS=${WS_STEADY_SESSIONS:-1000}
