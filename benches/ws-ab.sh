@@ -11,12 +11,13 @@
 #
 # Environment: SPREAD_MS [0] spreads the first chats (as run.sh's steady cells);
 # CHATS [3] chats per session; SERVER_TOML_B adds lines to B's [server]
-# (one binary in two settings: SERVER_TOML_B='work_stealing = false').
+# (one binary in two settings: SERVER_TOML_B='work_stealing = false');
+# DIRECT=1 adds a round straight to one backend (no front; its CPU reads 0).
 # Ports: 18600-18601 (cluster), 18610-18611 (B), 18620 (nginx).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-[[ $# -ge 2 ]] || { sed -n '2,13p' "$0"; exit 64; }
+[[ $# -ge 2 ]] || { sed -n '2,15p' "$0"; exit 64; }
 bin_a=$(realpath "$1") bin_b=$(realpath "$2")
 sessions=${3:-1000}
 rounds=${4:-5}
@@ -51,6 +52,10 @@ if [[ ${NGINX:-1} == 1 ]]; then
     nginx -c "$work/nginx/nginx.conf" -p "$work/nginx" >"$work/nginx/stdout.log" 2>&1 </dev/null &
     pids+=($!)
     fronts+=(nginx) ports+=(18620) masters+=($!)
+fi
+if [[ ${DIRECT:-0} == 1 ]]; then
+    # Straight to one backend, no front: what the cluster alone adds.
+    fronts+=(direct) ports+=("${backends[0]##*:}") masters+=("")
 fi
 for port in "${ports[@]}"; do
     for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$port/api/ai-health" && break; sleep 0.1; done
