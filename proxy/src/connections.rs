@@ -147,6 +147,14 @@ where
         let out = match &self.lean {
             Some(lean) if plain => match lean.serve(stream, prefix, shutdown).await {
                 Served::Done => None,
+                Served::Tunnel(tunnel) => {
+                    // The connection stays counted as open until its tunnel ends.
+                    tokio::spawn(async move {
+                        tunnel.run().await;
+                        drop(guard);
+                    });
+                    return None;
+                }
                 Served::Elsewhere(stream, prefix) => self.requests.serve_http1(stream, prefix, shutdown).await,
             },
             _ if !prefix.is_empty() => self.requests.serve_http1(stream, prefix, shutdown).await,

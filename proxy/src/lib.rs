@@ -142,6 +142,8 @@ pub fn server_conf(config: &Config, daemon: bool) -> ServerConf {
         graceful_shutdown_timeout_seconds: Some(s.shutdown_timeout.as_secs()),
         upstream_keepalive_pool_size: s.upstream_keepalive_pool,
         max_retries: s.max_retries + 1,
+        // See `quiet_timers`: Pingora sets this again when it starts.
+        fast_timeout_to_tokio_threshold_seconds: Some(0),
         ..ServerConf::default()
     }
 }
@@ -175,6 +177,7 @@ fn raise_open_files(max_connections: usize) {
 /// [`workers`]). With one process it never returns on success (Pingora
 /// exits the process).
 pub fn run(config: Config, options: RunOptions) -> Result<(), ProxyError> {
+    quiet_timers();
     raise_open_files(config.client.max_connections);
     let shared = Shared::new(config.server.processes).map_err(ProxyError::Workers)?;
     if config.server.processes > 1 {
@@ -183,6 +186,17 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), ProxyError> {
         });
     }
     serve(config, options, &shared, None)
+}
+
+/// Pingora's own timeouts of a second or more (the 60 s handshake deadline
+/// on every accepted connection, connect and health-check timeouts) go on
+/// Tokio's timer rather than Pingora's "fast timeout", whose clock thread,
+/// once started, wakes 100 times a second in every worker for the life of
+/// the process, idle or not. Tokio's timer costs nothing until a timeout is
+/// pending (a plain-TCP handshake never is). Set before the first health
+/// check, which runs before Pingora applies its server settings.
+fn quiet_timers() {
+    pingora::prelude::fast_timeout::set_fast_timeout_to_tokio_threshold(Some(std::time::Duration::ZERO));
 }
 
 /// Serves in this process: the whole proxy, or one worker of several.

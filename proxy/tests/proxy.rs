@@ -234,6 +234,88 @@ async fn websocket_echoes_through_the_proxy_and_an_idle_socket_outlives_http_tim
     ws.close(None).await.ok();
 }
 
+/// `stub_status` Active connections and the `proxy_websockets_active` gauge.
+async fn open_counts(proxy: &Proxy) -> (u64, String) {
+    let stub = parse_stub_status(&get(proxy.status, "/nginx-status").await.unwrap().body).unwrap();
+    let metrics = get(proxy.status, "/metrics").await.unwrap().body;
+    let gauge = metrics.lines().find(|l| l.starts_with("proxy_websockets_active ")).unwrap_or("").to_string();
+    (stub[0], gauge)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_websocket_counts_as_an_active_connection_until_its_client_closes_it() {
+    let backends = vec![Backend::start("ws1")];
+    let proxy = Proxy::start(&addrs(&backends), ProxyOptions::default()).await;
+    let (before, gauge) = open_counts(&proxy).await;
+    assert_eq!(gauge, "proxy_websockets_active 0");
+    let url = format!("ws://{}/ws/chat?session_id=s-count", proxy.public);
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    ws.send(Message::Text("hello".into())).await.unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(echoed.into_text().unwrap().as_str(), "ws1:hello");
+    // The tunnel runs as a task of its own after the upgrade; the connection
+    // stays counted while it runs, and both counts fall when it ends.
+    assert_eq!(open_counts(&proxy).await, (before + 1, "proxy_websockets_active 1".to_string()));
+    ws.close(None).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = open_counts(&proxy).await;
+        if now == (before, "proxy_websockets_active 0".to_string()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still counted 5 s after the close: {now:?} (before: {before})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get(proxy.public, "/api/x").await.unwrap().status, 200);
+}
+
+/// Voluntary context switches summed over the threads of `pid`, and their names.
+fn threads_of(pid: u32) -> (u64, Vec<String>) {
+    let mut switches = 0;
+    let mut names = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        for line in status.lines() {
+            if let Some(n) = line.strip_prefix("voluntary_ctxt_switches:") {
+                switches += n.trim().parse::<u64>().unwrap_or(0);
+            }
+            if let Some(n) = line.strip_prefix("Name:") {
+                names.push(n.trim().to_string());
+            }
+        }
+    }
+    (switches, names)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_proxy_sleeps_after_serving_no_clock_thread_ticks() {
+    let backends = vec![Backend::start("b")];
+    let options = ProxyOptions {
+        health: "interval = \"2s\"\ntimeout = \"1s\"\nrise = 1\nfall = 1\n".into(),
+        ..Default::default()
+    };
+    let proxy = Proxy::start(&addrs(&backends), options).await;
+    for _ in 0..20 {
+        assert_eq!(get(proxy.public, "/api/x").await.unwrap().status, 200);
+    }
+    let url = format!("ws://{}/ws/chat?session_id=s-quiet", proxy.public);
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    ws.send(Message::Text("hello".into())).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    ws.close(None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Pingora's fast-timeout clock thread, once started, wakes every 10 ms
+    // (300 times in 3 s) for the life of the process; the proxy keeps
+    // Pingora's timeouts on Tokio's timer so it never starts. What is left:
+    // health checks, one timer per runtime thread every 250 ms.
+    let (before, names) = threads_of(proxy.pid());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (after, _) = threads_of(proxy.pid());
+    assert!(!names.iter().any(|n| n == "Timer thread"), "threads: {names:?}");
+    assert!(after - before < 150, "{} wake-ups in 3 s idle; threads: {names:?}", after - before);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_idle_past_its_timeout_is_closed_and_traffic_keeps_one_open() {
     let backends = vec![Backend::start("ws1")];

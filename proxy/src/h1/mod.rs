@@ -53,6 +53,29 @@ pub enum Served {
     Done,
     /// Pingora's proxy serves the rest of it, starting with these bytes.
     Elsewhere(Stream, BytesMut),
+    /// The backend switched protocols: the rest is a tunnel.
+    Tunnel(Tunnel),
+}
+
+/// A WebSocket after the backend's `101`, to run as a task of its own: the
+/// connection's task, sized for HTTP (its buffers, the request state, the
+/// boxed futures around it), ends when the tunnel starts, so each frame
+/// wakes only the tunnel's small future and an open WebSocket holds only
+/// what the tunnel needs.
+pub struct Tunnel {
+    client: Stream,
+    upstream: TcpStream,
+    idle: Duration,
+    _gauge: WebSocketGauge,
+}
+
+impl Tunnel {
+    /// Passes bytes both ways until either side closes or the WebSocket
+    /// idle time passes with nothing moving.
+    pub async fn run(self) {
+        let Tunnel { client, upstream, idle, _gauge } = self;
+        tunnel::run(client, upstream, idle).await;
+    }
 }
 
 /// The lean path's shared part.
@@ -206,11 +229,12 @@ impl Lean {
                 Next::Keep => continue,
                 Next::Close => break Served::Done,
                 Next::Tunnel(upstream) => {
-                    let Conn { stream, buf, up, out, .. } = conn;
-                    drop((buf, up, out));
-                    let _open = WebSocketGauge::open(&self.state);
-                    tunnel::run(stream, upstream, self.state.config.websocket_idle_timeout).await;
-                    break Served::Done;
+                    break Served::Tunnel(Tunnel {
+                        client: conn.stream,
+                        upstream,
+                        idle: self.state.config.websocket_idle_timeout,
+                        _gauge: WebSocketGauge::open(self.state.clone()),
+                    });
                 }
             }
         };
@@ -753,16 +777,16 @@ impl Drop for Writing<'_> {
 }
 
 /// Counts an open tunnel in the WebSocket gauge.
-struct WebSocketGauge<'a>(&'a State);
+struct WebSocketGauge(Arc<State>);
 
-impl<'a> WebSocketGauge<'a> {
-    fn open(state: &'a State) -> Self {
+impl WebSocketGauge {
+    fn open(state: Arc<State>) -> Self {
         state.metrics.websockets_active.inc();
         Self(state)
     }
 }
 
-impl Drop for WebSocketGauge<'_> {
+impl Drop for WebSocketGauge {
     fn drop(&mut self) {
         self.0.metrics.websockets_active.dec();
     }
