@@ -143,7 +143,7 @@ pub fn server_conf(config: &Config, daemon: bool) -> ServerConf {
         upstream_keepalive_pool_size: s.upstream_keepalive_pool,
         max_retries: s.max_retries + 1,
         // See `quiet_timers`: Pingora sets this again when it starts.
-        fast_timeout_to_tokio_threshold_seconds: Some(0),
+        fast_timeout_to_tokio_threshold_seconds: Some(TOKIO_TIMEOUTS_FROM.as_secs()),
         ..ServerConf::default()
     }
 }
@@ -196,8 +196,12 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), ProxyError> {
 /// pending (a plain-TCP handshake never is). Set before the first health
 /// check, which runs before Pingora applies its server settings.
 fn quiet_timers() {
-    pingora::prelude::fast_timeout::set_fast_timeout_to_tokio_threshold(Some(std::time::Duration::ZERO));
+    pingora::prelude::fast_timeout::set_fast_timeout_to_tokio_threshold(Some(TOKIO_TIMEOUTS_FROM));
 }
+
+/// Pingora timeouts longer than this whole number of seconds use Tokio's
+/// timer ([`quiet_timers`]).
+const TOKIO_TIMEOUTS_FROM: std::time::Duration = std::time::Duration::ZERO;
 
 /// Serves in this process: the whole proxy, or one worker of several.
 fn serve(config: Config, options: RunOptions, shared: &Shared, worker: Option<Worker>) -> Result<(), ProxyError> {

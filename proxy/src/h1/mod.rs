@@ -2,7 +2,8 @@
 //! each, with the upstream connection taken from a lock-only pool, the
 //! request head and the first body bytes sent in one write, and the
 //! response head and body passed back in one write. No channel, no spawned
-//! task and no per-request allocation beyond the buffers a connection keeps.
+//! task per request (only a WebSocket's tunnel becomes a task of its own)
+//! and no per-request allocation beyond the buffers a connection keeps.
 //!
 //! It serves what nearly all traffic is: HTTP/1.1 requests in origin form
 //! with a known method, one valid `Host`, no body or a `Content-Length`
