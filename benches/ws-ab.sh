@@ -70,6 +70,16 @@ cpu_ticks() { # utime+stime of a master and its workers, in clock ticks
     done
     echo "$total"
 }
+sched() { # run-queue wait (ns) and run periods of a master, its workers and their threads
+    local pid wait=0 slices=0 a b c
+    for pid in "$1" $(pgrep -P "$1" || true); do
+        for f in /proc/"$pid"/task/*/schedstat; do
+            read -r a b c <"$f" 2>/dev/null || continue
+            wait=$((wait + b)) slices=$((slices + c))
+        done
+    done
+    echo "$wait $slices"
+}
 load() { # load PORT SESSIONS CHATS SPREAD OUT
     timeout 300 target/release/loadgen ws --url "ws://127.0.0.1:$1/ws/chat" --sessions "$2" \
         --chats-per-session "$3" --concurrency 128 --source-ips 64 --chat-timeout 60 --spread-ms "$4" \
@@ -82,14 +92,16 @@ n=${#fronts[@]}
 for round in $(seq "$rounds"); do
     for k in $(seq 0 $((n - 1))); do
         i=$(((k + round - 1) % n))
-        before=$(cpu_ticks "${masters[$i]}") cluster_before=$(cpu_ticks "$cluster")
+        before=$(cpu_ticks "${masters[$i]}") sched_before=$(sched "${masters[$i]}") cluster_before=$(cpu_ticks "$cluster")
         # bash's `times`: user and system time of this shell's children (the load generator).
         times >"$work/times"; load_before=$(awk 'NR == 2 {print $1 " " $2}' "$work/times")
         load "${ports[$i]}" "$sessions" "$chats" "$spread" "$work/${fronts[$i]}-$round.json" ||
             echo "loadgen failed: $(tail -2 "$work/load.err")" >&2
         times >"$work/times"; load_after=$(awk 'NR == 2 {print $1 " " $2}' "$work/times")
-        after=$(cpu_ticks "${masters[$i]}") cluster_after=$(cpu_ticks "$cluster")
+        after=$(cpu_ticks "${masters[$i]}") sched_after=$(sched "${masters[$i]}") cluster_after=$(cpu_ticks "$cluster")
         echo "$((after - before)) $((cluster_after - cluster_before)) $load_before $load_after" >"$work/${fronts[$i]}-$round.cpu"
+        read -r w0 s0 <<<"$sched_before"; read -r w1 s1 <<<"$sched_after"
+        echo "$((w1 - w0)) $((s1 - s0))" >"$work/${fronts[$i]}-$round.sched"
         sleep 1
     done
 done
@@ -109,13 +121,15 @@ for r in range(1, rounds + 1):
         load = sum(secs(t) for t in times[2:]) - sum(secs(t) for t in times[:2])
         cpu, cluster = int(front) / hz, int(cluster) / hz
         p = j["publish_to_client"]["p99_ms"]
-        rows[f].append((p, cpu, j["lost_chunks"], cluster, load))
-        line.append(f"{f} p99 {p:6.2f} ms cpu {cpu:4.2f}/{cluster:4.2f}/{load:4.2f} s lost {j['lost_chunks']}")
+        wait_ns, slices = map(int, open(f"{work}/{f}-{r}.sched").read().split())
+        wait_us = wait_ns / 1000 / max(slices, 1)
+        rows[f].append((p, cpu, j["lost_chunks"], cluster, load, wait_us, slices))
+        line.append(f"{f} p99 {p:6.2f} ms cpu {cpu:4.2f}/{cluster:4.2f}/{load:4.2f} s wait {wait_us:5.1f} us x {slices} lost {j['lost_chunks']}")
     print("  ".join(line))
 for f in fronts:
     if rows[f]:
         m = lambda k: statistics.median(r[k] for r in rows[f])
         print(f"{f:6} median p99 {m(0):6.2f} ms  median CPU s: front {m(1):5.2f}, cluster {m(3):5.2f}, "
-              f"loadgen {m(4):5.2f}  lost {sum(r[2] for r in rows[f])}")
+              f"loadgen {m(4):5.2f}  run-queue wait {m(5):5.1f} us x {m(6):.0f}  lost {sum(r[2] for r in rows[f])}")
 PY
-echo "(CPU per round: front/cluster/loadgen seconds)"
+echo "(CPU per round: front/cluster/loadgen seconds; wait: the front's mean run-queue wait per run period (schedstat) x its run periods)"
