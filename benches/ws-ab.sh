@@ -12,7 +12,10 @@
 # Environment: SPREAD_MS [0] spreads the first chats (as run.sh's steady cells);
 # CHATS [3] chats per session; SERVER_TOML_B adds lines to B's [server]
 # (one binary in two settings: SERVER_TOML_B='work_stealing = false');
-# DIRECT=1 adds a round straight to one backend (no front; its CPU reads 0).
+# DIRECT=1 adds a round straight to one backend (no front; its CPU reads 0);
+# PERF_STAT=EVENTS counts perf events on each front's processes during each
+# of its rounds (PERF_STAT='syscalls:sys_enter_*', or task-clock,context-switches)
+# and prints the counts after the medians.
 # Ports: 18600-18601 (cluster), 18610-18611 (B), 18620 (nginx).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,6 +27,7 @@ rounds=${4:-5}
 spread=${SPREAD_MS:-0}
 chats=${CHATS:-3}
 [[ ${NGINX:-1} == 1 ]] && ! command -v nginx >/dev/null && { apt-get update -qq && apt-get install -y -qq nginx >/dev/null; }
+[[ -n ${PERF_STAT:-} ]] && ! command -v perf >/dev/null && { apt-get update -qq && apt-get install -y -qq linux-perf >/dev/null; }
 cargo build --release -q -p loadgen -p cluster
 work=$(mktemp -d /tmp/ws-ab.XXXXXX)
 pids=()
@@ -95,8 +99,16 @@ for round in $(seq "$rounds"); do
         before=$(cpu_ticks "${masters[$i]}") sched_before=$(sched "${masters[$i]}") cluster_before=$(cpu_ticks "$cluster")
         # bash's `times`: user and system time of this shell's children (the load generator).
         times >"$work/times"; load_before=$(awk 'NR == 2 {print $1 " " $2}' "$work/times")
+        perf_pid=""
+        if [[ -n ${PERF_STAT:-} && -n ${masters[$i]} ]]; then
+            perf stat -e "$PERF_STAT" -p "$(echo "${masters[$i]}" $(pgrep -P "${masters[$i]}") | tr ' ' ,)" \
+                -o "$work/${fronts[$i]}-$round.perf" &
+            perf_pid=$!
+            sleep 0.2
+        fi
         load "${ports[$i]}" "$sessions" "$chats" "$spread" "$work/${fronts[$i]}-$round.json" ||
             echo "loadgen failed: $(tail -2 "$work/load.err")" >&2
+        [[ -n $perf_pid ]] && { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
         times >"$work/times"; load_after=$(awk 'NR == 2 {print $1 " " $2}' "$work/times")
         after=$(cpu_ticks "${masters[$i]}") sched_after=$(sched "${masters[$i]}") cluster_after=$(cpu_ticks "$cluster")
         echo "$((after - before)) $((cluster_after - cluster_before)) $load_before $load_after" >"$work/${fronts[$i]}-$round.cpu"
@@ -132,4 +144,10 @@ for f in fronts:
         print(f"{f:6} median p99 {m(0):6.2f} ms  median CPU s: front {m(1):5.2f}, cluster {m(3):5.2f}, "
               f"loadgen {m(4):5.2f}  run-queue wait {m(5):5.1f} us x {m(6):.0f}  lost {sum(r[2] for r in rows[f])}")
 PY
+if [[ -n ${PERF_STAT:-} ]]; then
+    for f in "$work"/*.perf; do
+        echo "== perf stat, $(basename "$f" .perf) (nonzero counts)"
+        awk '$1 ~ /^[0-9,.]+$/ && $1 != "0" && $2 != "seconds" {l = $0; sub(/#.*/, "", l); gsub(/ +/, " ", l); print " " l}' "$f"
+    done
+fi
 echo "(CPU per round: front/cluster/loadgen seconds; wait: the front's mean run-queue wait per run period (schedstat) x its run periods)"
