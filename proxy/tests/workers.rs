@@ -42,6 +42,20 @@ fn total(text: &str, name: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
+/// Waits until every worker answers on its metrics socket (it has bound its
+/// listeners): the public port answers once the first one does.
+async fn all_serving(proxy: &Proxy, workers: usize) {
+    let dir = proxy.dir().join(format!("upgrade.sock.workers.{}", proxy.pid()));
+    for index in 0..workers {
+        let path = dir.join(format!("worker-{index}.sock"));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while tokio::net::UnixStream::connect(&path).await.is_err() {
+            assert!(Instant::now() < deadline, "worker {index} never served\n{}", proxy.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 async fn stub(proxy: &Proxy) -> [u64; 7] {
     let r = get(proxy.status, "/nginx-status").await.unwrap();
     parse_stub_status(&r.body).unwrap_or_else(|| panic!("not stub_status: {:?}", r.body))
@@ -53,6 +67,7 @@ async fn two_workers_share_the_port_and_report_as_one_proxy() {
     let proxy = Proxy::start(&addrs(&backends), two_workers()).await;
     let workers = children_of(proxy.pid());
     assert_eq!(workers.len(), 2, "workers {workers:?}\n{}", proxy.log());
+    all_serving(&proxy, 2).await;
 
     let before = stub(&proxy).await;
     for i in 0..60 {
@@ -161,15 +176,7 @@ async fn sighup_reaches_every_worker_and_a_killed_worker_is_replaced_and_forgott
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The new worker serves once its metrics socket answers.
-    let dir = proxy.dir().join(format!("upgrade.sock.workers.{}", proxy.pid()));
-    for index in 0..2 {
-        let path = dir.join(format!("worker-{index}.sock"));
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while tokio::net::UnixStream::connect(&path).await.is_err() {
-            assert!(Instant::now() < deadline, "worker {index} never served\n{}", proxy.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    all_serving(&proxy, 2).await;
     drop(held);
     // The dead worker's open connections are forgotten with it; the
     // survivor's close: nothing is left open.
