@@ -5,7 +5,8 @@
 //! that fails its checks changes nothing.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
@@ -75,18 +76,26 @@ pub fn applied(running: &Config, new: Config) -> Config {
     out
 }
 
-/// Installs the process's `SIGHUP` handler at once, so a reload signal that
-/// arrives before the reload service runs is not fatal (the default action
-/// of `SIGHUP` is to terminate).
+/// Set by every `SIGHUP` from [`catch_sighup_early`] on; read once by the
+/// reload service when it starts listening, so a reload asked for while the
+/// process was still starting is done rather than lost.
+static EARLY_HANGUP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+
+/// Installs the process's `SIGHUP` handler at once: a reload signal that
+/// arrives before the reload service runs is neither fatal (the default
+/// action of `SIGHUP` is to terminate) nor forgotten (the service reloads
+/// once when it starts, [`take_early_hangup`]).
 pub fn catch_sighup_early() {
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-        return;
-    };
-    rt.block_on(async {
-        if let Err(e) = signal(SignalKind::hangup()) {
-            log::warn!("cannot install the SIGHUP handler: {e}");
-        }
-    });
+    let flag = EARLY_HANGUP.get_or_init(Default::default).clone();
+    if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGHUP, flag) {
+        log::warn!("cannot install the SIGHUP handler: {e}");
+    }
+}
+
+/// Whether a `SIGHUP` came since [`catch_sighup_early`] (or since the last
+/// call), clearing it.
+fn take_early_hangup() -> bool {
+    EARLY_HANGUP.get().is_some_and(|flag| flag.swap(false, Ordering::SeqCst))
 }
 
 #[async_trait]
@@ -99,6 +108,12 @@ impl BackgroundService for Reloader {
                 return;
             }
         };
+        // Subscribed from here on; a SIGHUP before this is only in the flag.
+        // (One arriving just now is in both: the reload runs twice, alike.)
+        if take_early_hangup() {
+            log::info!("SIGHUP while starting: reloading {}", self.path.display());
+            self.reload().await;
+        }
         loop {
             tokio::select! {
                 got = hangups.recv() => {
@@ -111,5 +126,20 @@ impl BackgroundService for Reloader {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sighup_before_the_reload_service_is_survived_and_remembered_once() {
+        catch_sighup_early();
+        assert!(!take_early_hangup(), "no SIGHUP yet");
+        // Without the handler this ends the test process.
+        signal_hook::low_level::raise(signal_hook::consts::SIGHUP).unwrap();
+        assert!(take_early_hangup(), "the early SIGHUP is remembered");
+        assert!(!take_early_hangup(), "and taken once");
     }
 }

@@ -381,6 +381,32 @@ async fn sighup_applies_a_new_upstream_list_and_open_websockets_stay_up() {
     assert_eq!(proxy.health().await.len(), 2);
 }
 
+/// A `SIGHUP` that reaches the proxy while it starts (held here in its first
+/// round of health checks by a backend that accepts and never answers) is
+/// applied once it serves, not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_while_starting_is_applied() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let new = Backend::start("new");
+    let options = ProxyOptions {
+        health: "interval = \"200ms\"\ntimeout = \"2s\"\nrise = 1\nfall = 1\n".into(),
+        ..Default::default()
+    };
+    let proxy = Proxy::spawn(&[silent_addr], options.clone());
+    // The first probe: the proxy is past its signal set-up, not yet serving.
+    let (_probe, _) = tokio::time::timeout(Duration::from_secs(10), silent.accept())
+        .await
+        .unwrap_or_else(|_| panic!("no health probe came:\n{}", proxy.log()))
+        .unwrap();
+    proxy.rewrite_config(&[new.addr], &options);
+    proxy.hangup();
+    proxy.wait_for_up(1).await;
+    assert_eq!(proxy.health().await.keys().collect::<Vec<_>>(), [&new.addr.to_string()]);
+    assert_eq!(get(proxy.public, "/api/x").await.unwrap().backend(), "new");
+    assert_eq!(proxy.metric("proxy_config_reloads_total{result=\"applied\"}").await, 1);
+}
+
 fn check_config(text: &str) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("p.toml");

@@ -222,6 +222,13 @@ pub fn config_text(
 impl Proxy {
     /// Starts the proxy in front of `backends` and waits until it serves.
     pub async fn start(backends: &[SocketAddr], options: ProxyOptions) -> Self {
+        let proxy = Self::spawn(backends, options);
+        proxy.wait_for_up(backends.len()).await;
+        proxy
+    }
+
+    /// Starts the proxy in front of `backends` without waiting for it.
+    pub fn spawn(backends: &[SocketAddr], options: ProxyOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let public = free_port();
         let status = free_port();
@@ -239,15 +246,13 @@ impl Proxy {
             .stderr(log)
             .spawn()
             .unwrap();
-        let proxy = Self {
+        Self {
             public: SocketAddr::from(([127, 0, 0, 1], public)),
             status: SocketAddr::from(([127, 0, 0, 1], status)),
             config_path,
             child,
             dir,
-        };
-        proxy.wait_for_up(backends.len()).await;
-        proxy
+        }
     }
 
     /// Rewrites the configuration file for the same ports.
