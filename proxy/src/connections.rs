@@ -149,10 +149,7 @@ where
                 Served::Done => None,
                 Served::Tunnel(tunnel) => {
                     // The connection stays counted as open until its tunnel ends.
-                    tokio::spawn(async move {
-                        tunnel.run().await;
-                        drop(guard);
-                    });
+                    tunnel.start(guard);
                     return None;
                 }
                 Served::Elsewhere(stream, prefix) => self.requests.serve_http1(stream, prefix, shutdown).await,

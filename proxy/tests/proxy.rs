@@ -6,6 +6,8 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -232,6 +234,152 @@ async fn websocket_echoes_through_the_proxy_and_an_idle_socket_outlives_http_tim
     let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(echoed.into_text().unwrap().as_str(), "ws1:still there");
     ws.close(None).await.ok();
+}
+
+/// Byte `i` of what the raw backend floods with.
+fn pattern(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+/// A backend that answers `/health` with 200 and an upgrade with `101`, then
+/// on `/flood` writes [`pattern`] bytes as fast as they are taken, `total`
+/// in all (counted in the returned counter), and closes; on `/count` it
+/// reads until the client's end and answers `got N`. The bytes after the
+/// `101` are not WebSocket frames: the proxy passes bytes, not frames.
+async fn raw_upgrade_backend(total: u64) -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let written = Arc::new(AtomicU64::new(0));
+    let counter = written.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else { return };
+            let written = counter.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let mut buf = [0u8; 1024];
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                if head.starts_with("GET /health ") {
+                    let _ =
+                        socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+                    return;
+                }
+                let switched = "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+                                sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+                if socket.write_all(switched.as_bytes()).await.is_err() {
+                    return;
+                }
+                if head.starts_with("GET /count ") {
+                    let mut n = 0u64;
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok(k @ 1..) = socket.read(&mut buf).await {
+                        n += k as u64;
+                    }
+                    let _ = socket.write_all(format!("got {n}").as_bytes()).await;
+                    return;
+                }
+                let mut at = 0u64;
+                while at < total {
+                    let chunk: Vec<u8> = (at..(at + 65536).min(total)).map(pattern).collect();
+                    let Ok(n) = socket.write(&chunk).await else { return };
+                    at += n as u64;
+                    written.store(at, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (addr, written)
+}
+
+/// A raw upgrade request for `path` through the proxy; returns the socket
+/// and the bytes that came after the `101` head.
+async fn upgrade_raw(proxy: &Proxy, path: &str) -> (tokio::net::TcpStream, Vec<u8>) {
+    let mut client = tokio::net::TcpStream::connect(proxy.public).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let end = loop {
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed before the head: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    };
+    assert!(got.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&got));
+    (client, got.split_off(end))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_holds_a_flooding_backend_back_while_its_client_reads_nothing_and_loses_no_byte() {
+    // Far more than the socket buffers on the way can hold.
+    const TOTAL: u64 = 128 << 20;
+    let (addr, written) = raw_upgrade_backend(TOTAL).await;
+    let proxy = Proxy::start(&[addr], ProxyOptions::default()).await;
+    let (mut client, mut got) = upgrade_raw(&proxy, "/flood").await;
+
+    // The client reads nothing: once the buffers on the way are full, the
+    // backend's writes stop.
+    let mut last = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = written.load(Ordering::SeqCst);
+        if now == last && now > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the backend never stalled: {now} bytes written");
+        last = now;
+    }
+    assert!(last < TOTAL / 2, "{last} bytes written to a client that reads nothing");
+
+    // Then every byte arrives, in order, and the backend's end ends it.
+    let mut buf = vec![0u8; 1 << 16];
+    let mut at = 0u64;
+    loop {
+        for &b in &got {
+            assert_eq!(b, pattern(at), "byte {at}");
+            at += 1;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(20), client.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("stalled at byte {at}"))
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        got = buf[..n].to_vec();
+    }
+    assert_eq!(at, TOTAL);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while open_counts(&proxy).await.1 != "proxy_websockets_active 0" {
+        assert!(Instant::now() < deadline, "the tunnel is still counted: {:?}", open_counts(&proxy).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_ends_its_side_of_a_tunnel_still_gets_the_backends_answer() {
+    let (addr, _) = raw_upgrade_backend(0).await;
+    let proxy = Proxy::start(&[addr], ProxyOptions::default()).await;
+    let (mut client, early) = upgrade_raw(&proxy, "/count").await;
+    assert!(early.is_empty());
+    let sent = vec![7u8; 300_000];
+    client.write_all(&sent).await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_string(&mut answer)).await.unwrap().unwrap();
+    assert_eq!(answer, format!("got {}", sent.len()));
 }
 
 /// `stub_status` Active connections and the `proxy_websockets_active` gauge.

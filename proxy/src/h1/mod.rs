@@ -2,7 +2,7 @@
 //! each, with the upstream connection taken from a lock-only pool, the
 //! request head and the first body bytes sent in one write, and the
 //! response head and body passed back in one write. No channel, no spawned
-//! task per request (only a WebSocket's tunnel becomes a task of its own)
+//! task per request (a WebSocket's tunnel goes to the relay thread)
 //! and no per-request allocation beyond the buffers a connection keeps.
 //!
 //! It serves what nearly all traffic is: HTTP/1.1 requests in origin form
@@ -19,6 +19,7 @@
 
 pub mod head;
 pub mod pool;
+mod relay;
 mod tunnel;
 
 use std::io;
@@ -58,11 +59,10 @@ pub enum Served {
     Tunnel(Tunnel),
 }
 
-/// A WebSocket after the backend's `101`, to run as a task of its own: the
+/// A WebSocket after the backend's `101`, handed to the relay thread: the
 /// connection's task, sized for HTTP (its buffers, the request state, the
-/// boxed futures around it), ends when the tunnel starts, so each frame
-/// wakes only the tunnel's small future and an open WebSocket holds only
-/// what the tunnel needs.
+/// boxed futures around it), ends when the tunnel starts, so a frame wakes
+/// no task and an open WebSocket holds only what the tunnel needs.
 pub struct Tunnel {
     client: Stream,
     upstream: TcpStream,
@@ -71,11 +71,12 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
-    /// Passes bytes both ways until either side closes or the WebSocket
-    /// idle time passes with nothing moving.
-    pub async fn run(self) {
+    /// Starts passing bytes both ways until either side closes or the
+    /// WebSocket idle time passes with nothing moving; `hold` is dropped
+    /// when it ends.
+    pub fn start(self, hold: impl Send + 'static) {
         let Tunnel { client, upstream, idle, _gauge } = self;
-        tunnel::run(client, upstream, idle).await;
+        tunnel::start(client, upstream, idle, Box::new((_gauge, hold)));
     }
 }
 

@@ -1,7 +1,7 @@
 //! A WebSocket after the backend's `101`: bytes both ways until either side
-//! closes or nothing moves for the WebSocket idle time. Each direction has a
-//! small buffer (frames of a chat are small); an idle tunnel holds little
-//! more than its two sockets.
+//! closes or nothing moves for the WebSocket idle time, on the relay thread
+//! or, where it cannot serve, as a task with a small buffer per direction
+//! (frames of a chat are small).
 
 use std::time::Duration;
 
@@ -10,30 +10,57 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::relay;
+
 /// Bytes read at once in each direction: chat frames are small, and a
 /// larger one just takes more reads. (Both buffers stay allocated while the
 /// tunnel is idle; they are most of what an idle tunnel holds.)
 const BUFFER: usize = 2048;
 
-/// Runs the tunnel to its end. A plain TCP client leaves Pingora's `Stream`
-/// for its bare socket first: the wrapper's per-read and per-write
-/// bookkeeping (rewind buffer, pending-time accounting, buffered writer) is
-/// for HTTP, not for frames passed through.
-pub async fn run(client: Stream, upstream: TcpStream, idle: Duration) {
+/// Starts the tunnel; `hold` is dropped when it ends. A plain TCP client
+/// goes to the process's relay thread ([`super::relay`]) as a bare socket:
+/// Pingora's `Stream` wrapper does per-read and per-write bookkeeping
+/// (rewind buffer, pending-time accounting, buffered writer) for HTTP, not
+/// for frames passed through. A TLS client, or any tunnel the relay cannot
+/// take, runs as a task of its own.
+pub fn start(client: Stream, upstream: TcpStream, idle: Duration, hold: Box<dyn Send>) {
     let fd = match client.as_any().downcast_ref::<l4::stream::Stream>().map(worker_sys::dup_fd) {
         Some(Ok(fd)) => fd,
-        _ => return pass(client, upstream, idle).await,
+        _ => {
+            tokio::spawn(async move {
+                pass(client, upstream, idle).await;
+                drop(hold);
+            });
+            return;
+        }
     };
     // Dropping the wrapper closes its descriptor and takes it out of the
     // runtime's poller; the duplicate keeps the connection open. (The lean
     // path reads into its own buffer and writes unbuffered, so the wrapper
     // holds no bytes.)
     drop(client);
-    let socket = std::net::TcpStream::from(fd);
-    match socket.set_nonblocking(true).and_then(|()| TcpStream::from_std(socket)) {
-        Ok(socket) => pass(socket, upstream, idle).await,
-        Err(e) => log::warn!("websocket tunnel: cannot register the client socket, closing: {e}"),
-    }
+    let client = std::net::TcpStream::from(fd);
+    // Out of the runtime's poller too, left non-blocking.
+    let upstream = match client.set_nonblocking(true).and_then(|()| upstream.into_std()) {
+        Ok(upstream) => upstream,
+        Err(e) => return log::warn!("websocket tunnel: cannot take its sockets, closing: {e}"),
+    };
+    let job = relay::Job { client, upstream, idle, hold };
+    let job = match relay::Relay::get() {
+        Some(relay) => match relay.submit(job) {
+            Ok(()) => return,
+            Err(job) => job,
+        },
+        None => job,
+    };
+    tokio::spawn(async move {
+        let relay::Job { client, upstream, idle, hold } = job;
+        match TcpStream::from_std(client).and_then(|c| Ok((c, TcpStream::from_std(upstream)?))) {
+            Ok((client, upstream)) => pass(client, upstream, idle).await,
+            Err(e) => log::warn!("websocket tunnel: cannot register its sockets, closing: {e}"),
+        }
+        drop(hold);
+    });
 }
 
 async fn pass<C: AsyncRead + AsyncWrite + Unpin>(mut client: C, mut upstream: TcpStream, idle: Duration) {
