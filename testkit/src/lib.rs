@@ -606,6 +606,50 @@ pub async fn metric(backend: &Backend, name: &str) -> u64 {
     text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
 }
 
+/// Starts `redis-server` as `command_for(port)` builds it, on a free port,
+/// and waits until it answers. A server that exits first (its port was taken
+/// between [`free_port`] and its bind: any process's outgoing connection can
+/// be given that port) is started again on another, up to 5 times.
+pub fn spawn_redis(mut command_for: impl FnMut(u16) -> Command) -> (u16, Child) {
+    let mut failures = Vec::new();
+    for _ in 0..5 {
+        let port = free_port();
+        let mut child = spawn_quiet(command_for(port));
+        match wait_redis(port, &mut child) {
+            Ok(()) => return (port, child),
+            Err(why) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                failures.push(format!("port {port}: {why}"));
+            }
+        }
+    }
+    panic!("redis-server did not start: {failures:?}");
+}
+
+fn spawn_quiet(mut command: Command) -> Child {
+    command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("redis-server must be installed")
+}
+
+/// Waits until the `redis-server` on `port` answers PING (10 s at most);
+/// `Err` says why not.
+fn wait_redis(port: u16, child: &mut Child) -> Result<(), String> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(500)) {
+            if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
+                return Ok(());
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited before answering ({status})"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err("did not answer within 10 s".into())
+}
+
 /// A `redis-server` of the test's own, for tests that disturb Redis (stop
 /// and restart it, change its users, kill its clients).
 pub struct OwnRedis {
@@ -618,17 +662,21 @@ pub struct OwnRedis {
 impl OwnRedis {
     /// A Redis that keeps nothing: a restart empties it.
     pub fn start() -> OwnRedis {
-        let mut redis = OwnRedis { port: free_port(), child: None, aof: None };
-        redis.restart();
-        redis
+        Self::start_on_a_free_port(None)
     }
 
     /// A Redis that keeps its data across a restart (an append-only file
     /// synced on every write), as a production Redis does: for tests whose
     /// subject is an outage, not a Redis that forgets every request.
     pub fn start_persistent() -> OwnRedis {
-        let mut redis = OwnRedis { port: free_port(), child: None, aof: Some(tempfile::tempdir().unwrap()) };
-        redis.restart();
+        Self::start_on_a_free_port(Some(tempfile::tempdir().unwrap()))
+    }
+
+    fn start_on_a_free_port(aof: Option<tempfile::TempDir>) -> OwnRedis {
+        let mut redis = OwnRedis { port: 0, child: None, aof };
+        let (port, child) = spawn_redis(|port| redis.server_command(port));
+        redis.port = port;
+        redis.child = Some(child);
         redis
     }
 
@@ -636,29 +684,25 @@ impl OwnRedis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// Starts (again) on the same port and waits until it answers.
-    pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "already running");
+    /// The `redis-server` command line for `port`.
+    fn server_command(&self, port: u16) -> Command {
         let mut command = Command::new("redis-server");
-        command.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""]);
+        command.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""]);
         match &self.aof {
             None => command.args(["--appendonly", "no"]),
             Some(dir) => command.args(["--appendonly", "yes", "--appendfsync", "always", "--dir"]).arg(dir.path()),
         };
-        let child =
-            command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("redis-server must be installed");
-        self.child = Some(child);
-        let client = redis::Client::open(self.url()).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(500)) {
-                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        command
+    }
+
+    /// Starts again on the same port and waits until it answers.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let mut child = spawn_quiet(self.server_command(self.port));
+        if let Err(why) = wait_redis(self.port, &mut child) {
+            panic!("redis-server on port {} {why}", self.port);
         }
-        panic!("redis-server on port {} did not answer", self.port);
+        self.child = Some(child);
     }
 
     /// Stops it (SIGKILL): every connection to it breaks.
@@ -981,4 +1025,28 @@ pub async fn stored_events(redis_url: &str, request_id: &str) -> Vec<Event> {
             Event::from_json(&json).unwrap()
         })
         .collect()
+}
+
+#[cfg(test)]
+mod redis_start_tests {
+    use super::*;
+
+    #[test]
+    fn a_redis_server_whose_port_is_taken_is_started_again_on_another() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken_port = taken.local_addr().unwrap().port();
+        let mut calls = 0;
+        let (port, mut child) = spawn_redis(|port| {
+            calls += 1;
+            // The first start meets a port another process already holds.
+            let port = if calls == 1 { taken_port } else { port };
+            let mut command = Command::new("redis-server");
+            command.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+            command
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(calls, 2, "started again once");
+        assert_ne!(port, taken_port);
+    }
 }

@@ -28,28 +28,24 @@ impl OwnRedisCluster {
         let dir = tempfile::tempdir().unwrap();
         let mut nodes = Vec::new();
         for _ in 0..6 {
-            let (port, bus) = (free_port(), free_port());
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--cluster-port", &bus.to_string()])
-                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
-                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
-                // A replica however stale may take over: the test measures what that loses.
-                .args(["--cluster-replica-validity-factor", "0"])
-                // Replicas sync at once (the default waits 5 s to batch them).
-                .args(["--repl-diskless-sync-delay", "0"])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server must be installed");
+            let (port, child) = crate::spawn_redis(|port| {
+                let mut command = Command::new("redis-server");
+                command
+                    .args(["--port", &port.to_string(), "--cluster-port", &free_port().to_string()])
+                    .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                    .args(["--cluster-enabled", "yes", "--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
+                    .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                    // A replica however stale may take over: the test measures what that loses.
+                    .args(["--cluster-replica-validity-factor", "0"])
+                    // Replicas sync at once (the default waits 5 s to batch them).
+                    .args(["--repl-diskless-sync-delay", "0"])
+                    .arg("--dir")
+                    .arg(dir.path());
+                command
+            });
             nodes.push(Node { port, child: Some(child) });
         }
         let cluster = OwnRedisCluster { nodes, _dir: dir };
-        for node in &cluster.nodes {
-            cluster.wait_answers(node.port);
-        }
         let mut create = Command::new("redis-cli");
         create.arg("--cluster").arg("create");
         for node in &cluster.nodes {
@@ -107,17 +103,6 @@ impl OwnRedisCluster {
             cmd.arg(*a);
         }
         cmd.query(&mut conn)
-    }
-
-    fn wait_answers(&self, port: u16) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if self.command_on(port, &["PING"]).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("redis-server on port {port} did not answer");
     }
 
     /// Waits until every running node reports `cluster_state:ok` with every
