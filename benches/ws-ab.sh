@@ -5,7 +5,10 @@
 # `loadgen ws` through each front in turn (the order rotates), and the
 # publish->client p99 and the CPU of the front, of the cluster (AI nodes and
 # backends) and of the load generator are printed per round, with the
-# medians at the end.
+# medians at the end. Positions are not equal: on 2026-12-07 (Intel, 1,000
+# streams) B's p99 was above A's in all 8 rounds of two runs with the builds
+# swapped between them, while CPU followed the build. Judge a latency change
+# from both orders (A/B, then B/A), or against nginx in each.
 #
 #   benches/ws-ab.sh BIN_A BIN_B [SESSIONS] [ROUNDS]      (defaults 1000, 5)
 #
@@ -20,7 +23,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-[[ $# -ge 2 ]] || { sed -n '2,15p' "$0"; exit 64; }
+[[ $# -ge 2 ]] || { sed -n '2,19p' "$0"; exit 64; }
 bin_a=$(realpath "$1") bin_b=$(realpath "$2")
 sessions=${3:-1000}
 rounds=${4:-5}
