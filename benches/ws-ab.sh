@@ -23,7 +23,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-[[ $# -ge 2 ]] || { sed -n '2,19p' "$0"; exit 64; }
+[[ $# -ge 2 ]] || { sed -n '2,22p' "$0"; exit 64; }
 bin_a=$(realpath "$1") bin_b=$(realpath "$2")
 sessions=${3:-1000}
 rounds=${4:-5}
