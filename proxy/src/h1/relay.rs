@@ -10,7 +10,7 @@
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
@@ -37,7 +37,7 @@ pub struct Job {
 /// The way to the process's relay thread.
 pub struct Relay {
     jobs: SyncSender<Job>,
-    waker: Arc<Waker>,
+    waker: Waker,
 }
 
 impl Relay {
@@ -54,7 +54,7 @@ impl Relay {
 
     fn start() -> io::Result<Relay> {
         let poll = Poll::new()?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+        let waker = Waker::new(poll.registry(), WAKE)?;
         let (jobs, queued) = sync_channel(QUEUE);
         std::thread::Builder::new().name("relay".into()).spawn(move || Loop::new(poll, queued).run())?;
         Ok(Relay { jobs, waker })
@@ -276,7 +276,7 @@ impl Tunnel {
 fn pass(from: &mut TcpStream, to: &mut TcpStream, kept: &mut Vec<u8>, buf: &mut [u8], to_end: bool) -> (Flow, bool) {
     let mut moved = false;
     if !kept.is_empty() {
-        match write_all(to, kept) {
+        match write_now(to, kept) {
             Ok(n) if n == kept.len() => {
                 *kept = Vec::new();
                 moved = true;
@@ -297,7 +297,7 @@ fn pass(from: &mut TcpStream, to: &mut TcpStream, kept: &mut Vec<u8>, buf: &mut 
             Err(_) => return (Flow::Failed, moved),
         };
         moved = true;
-        match write_all(to, &buf[..n]) {
+        match write_now(to, &buf[..n]) {
             Ok(sent) if sent == n => {}
             Ok(sent) => {
                 kept.extend_from_slice(&buf[sent..n]);
@@ -312,7 +312,7 @@ fn pass(from: &mut TcpStream, to: &mut TcpStream, kept: &mut Vec<u8>, buf: &mut 
 }
 
 /// Writes what `to` takes of `bytes` now; returns how much.
-fn write_all(to: &mut TcpStream, bytes: &[u8]) -> io::Result<usize> {
+fn write_now(to: &mut TcpStream, bytes: &[u8]) -> io::Result<usize> {
     let mut sent = 0;
     while sent < bytes.len() {
         match to.write(&bytes[sent..]) {

@@ -26,13 +26,7 @@ const BUFFER: usize = 2048;
 pub fn start(client: Stream, upstream: TcpStream, idle: Duration, hold: Box<dyn Send>) {
     let fd = match client.as_any().downcast_ref::<l4::stream::Stream>().map(worker_sys::dup_fd) {
         Some(Ok(fd)) => fd,
-        _ => {
-            tokio::spawn(async move {
-                pass(client, upstream, idle).await;
-                drop(hold);
-            });
-            return;
-        }
+        _ => return spawn_pass(client, upstream, idle, hold),
     };
     // Dropping the wrapper closes its descriptor and takes it out of the
     // runtime's poller; the duplicate keeps the connection open. (The lean
@@ -53,12 +47,20 @@ pub fn start(client: Stream, upstream: TcpStream, idle: Duration, hold: Box<dyn 
         },
         None => job,
     };
+    let relay::Job { client, upstream, idle, hold } = job;
+    match TcpStream::from_std(client).and_then(|c| Ok((c, TcpStream::from_std(upstream)?))) {
+        Ok((client, upstream)) => spawn_pass(client, upstream, idle, hold),
+        Err(e) => log::warn!("websocket tunnel: cannot register its sockets, closing: {e}"),
+    }
+}
+
+/// Runs the tunnel as a task of its own; `hold` is dropped when it ends.
+fn spawn_pass<C>(client: C, upstream: TcpStream, idle: Duration, hold: Box<dyn Send>)
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     tokio::spawn(async move {
-        let relay::Job { client, upstream, idle, hold } = job;
-        match TcpStream::from_std(client).and_then(|c| Ok((c, TcpStream::from_std(upstream)?))) {
-            Ok((client, upstream)) => pass(client, upstream, idle).await,
-            Err(e) => log::warn!("websocket tunnel: cannot register its sockets, closing: {e}"),
-        }
+        pass(client, upstream, idle).await;
         drop(hold);
     });
 }
