@@ -94,8 +94,16 @@ fn anchor_timers(shutdown: &ShutdownWatch) {
     });
 }
 
-/// Decrements the open-connection count when a connection ends, however.
-struct OpenConnection(Arc<State>);
+/// Counts an open client connection until dropped, however it ends.
+pub(crate) struct OpenConnection(Arc<State>);
+
+impl OpenConnection {
+    pub(crate) fn open(state: Arc<State>) -> Self {
+        state.stats.active.fetch_add(1, Ordering::Relaxed);
+        state.metrics.connections_active.inc();
+        Self(state)
+    }
+}
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
@@ -114,9 +122,7 @@ where
         let state = &self.requests.state;
         state.stats.accepts.fetch_add(1, Ordering::Relaxed);
         state.metrics.connections_accepted.inc();
-        state.stats.active.fetch_add(1, Ordering::Relaxed);
-        state.metrics.connections_active.inc();
-        let guard = OpenConnection(state.clone());
+        let guard = OpenConnection::open(state.clone());
         if state.stats.open_connections() > state.config.client.max_connections as i64 {
             // Like nginx: accepted, not handled, closed without an answer.
             state.metrics.rejected.with_label_values(&["connection_limit"]).inc();

@@ -215,6 +215,12 @@ fn serve(config: Config, options: RunOptions, shared: &Shared, worker: Option<Wo
     let startup = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let state = startup.block_on(async {
         let state = State::new(config.clone(), shared, worker.clone()).await;
+        if let Some(inbox) = worker.as_ref().and_then(|w| w.relay_inbox.as_ref()) {
+            match inbox.try_clone() {
+                Ok(socket) => h1::relay_for_siblings(&state, socket),
+                Err(e) => log::error!("cannot take WebSocket tunnels from the other workers: {e}"),
+            }
+        }
         // One round of checks before listening: a process taking over the
         // listeners (graceful upgrade) must not answer 503 while it learns
         // which backends are up.

@@ -109,6 +109,9 @@ pub struct Metrics {
     pub passive_ejections: IntCounterVec,
     /// Upgraded (WebSocket) connections open now.
     pub websockets_active: IntGauge,
+    /// Tunnels meant for a sibling worker's relay, by outcome: handed over,
+    /// or kept here because its socket took no more.
+    pub websocket_handoffs: IntCounterVec,
     /// Requests refused by a limit, by reason.
     pub rejected: IntCounterVec,
     /// Configuration reloads, by result.
@@ -151,6 +154,11 @@ impl Metrics {
         .expect("valid metric");
         let websockets_active =
             IntGauge::new("proxy_websockets_active", "Upgraded connections open now").expect("valid metric");
+        let websocket_handoffs = IntCounterVec::new(
+            Opts::new("proxy_websocket_handoffs_total", "WebSocket tunnels meant for another worker's relay thread"),
+            &["outcome"],
+        )
+        .expect("valid metric");
         let rejected =
             IntCounterVec::new(Opts::new("proxy_rejected_total", "Requests refused by a limit"), &["reason"])
                 .expect("valid metric");
@@ -167,6 +175,7 @@ impl Metrics {
             Box::new(retries.clone()),
             Box::new(passive_ejections.clone()),
             Box::new(websockets_active.clone()),
+            Box::new(websocket_handoffs.clone()),
             Box::new(rejected.clone()),
             Box::new(reloads.clone()),
             Box::new(connections_active.clone()),
@@ -182,6 +191,7 @@ impl Metrics {
             retries,
             passive_ejections,
             websockets_active,
+            websocket_handoffs,
             rejected,
             reloads,
             connections_active,

@@ -321,3 +321,129 @@ async fn as_a_daemon_the_supervisor_detaches_and_its_workers_serve() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+type WebSocket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// WebSockets from client addresses `from` (so the kernel spreads them over
+/// the workers), each checked with one echo.
+async fn open_websockets(proxy: &Proxy, from: std::ops::Range<u32>) -> Vec<WebSocket> {
+    let mut sockets = Vec::new();
+    for i in from {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(client_ip(i), 0)).unwrap();
+        let stream = socket.connect(proxy.public).await.unwrap();
+        let url = format!("ws://{}/ws/chat?session_id=s-{i}", proxy.public);
+        let (ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+        sockets.push(ws);
+    }
+    echo_on_each(&mut sockets, "hello").await;
+    sockets
+}
+
+async fn echo_on_each(sockets: &mut [WebSocket], text: &str) {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    for ws in sockets {
+        ws.send(Message::Text(text.into())).await.unwrap();
+        let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), format!("ws:{text}"));
+    }
+}
+
+/// The names of `pid`'s threads.
+fn threads_of(pid: u32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect()
+}
+
+/// Waits until `name`'s sum over worker `index`'s own metrics is `want`.
+async fn wait_own(proxy: &Proxy, index: usize, name: &str, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = total(&own_metrics(proxy, index).await, name);
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "worker {index}: {name} {got}, not {want}\n{}", proxy.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_workers_websockets_run_on_the_relay_workers_thread_which_is_restarted_with_it() {
+    let backends = vec![Backend::start("ws")];
+    // websocket.relays is 1 by default: worker 0 relays every tunnel.
+    let proxy = Proxy::start(&addrs(&backends), two_workers()).await;
+    all_serving(&proxy, 2).await;
+    let accepted = "proxy_connections_accepted_total";
+    let accepted_before = total(&own_metrics(&proxy, 1).await, accepted);
+    let mut sockets = open_websockets(&proxy, 0..24).await;
+
+    // Worker 1 accepted some of them and handed each over: worker 0 counts
+    // and relays all, and only worker 0 has a relay thread.
+    let handed = "proxy_websocket_handoffs_total{outcome=\"handed_over\"}";
+    let own1 = own_metrics(&proxy, 1).await;
+    let accepted1 = total(&own1, accepted) - accepted_before;
+    assert!(accepted1 > 0 && accepted1 < 24, "worker 1 accepted {accepted1} of 24");
+    assert_eq!(total(&own1, "proxy_websocket_handoffs_total"), accepted1, "{own1}");
+    assert!(own1.contains(&format!("{handed} {accepted1}\n")), "{own1}");
+    wait_own(&proxy, 1, "proxy_websockets_active", 0).await;
+    wait_own(&proxy, 1, "proxy_connections_active", 0).await;
+    wait_own(&proxy, 0, "proxy_websockets_active", 24).await;
+    wait_own(&proxy, 0, "proxy_connections_active", 24).await;
+    assert_eq!(stub(&proxy).await[0], 24, "stub_status counts each once");
+    let workers = children_of(proxy.pid());
+    let relaying: Vec<u32> = workers.iter().copied().filter(|&p| threads_of(p).contains(&"relay".into())).collect();
+    assert_eq!(relaying.len(), 1, "threads {:?}", workers.iter().map(|&p| threads_of(p)).collect::<Vec<_>>());
+
+    // Bytes still pass both ways after the hand-over; closing half of the
+    // sockets takes them off worker 0's counts.
+    echo_on_each(&mut sockets, "again").await;
+    for mut ws in sockets.drain(12..) {
+        ws.close(None).await.unwrap();
+    }
+    wait_own(&proxy, 0, "proxy_websockets_active", 12).await;
+    wait_own(&proxy, 0, "proxy_connections_active", 12).await;
+
+    // The relay worker dies: its tunnels end with it, and the worker that
+    // replaces it takes over the inbox, so tunnels handed over from then on
+    // run again.
+    assert!(std::process::Command::new("kill").args(["-KILL", &relaying[0].to_string()]).status().unwrap().success());
+    for mut ws in sockets {
+        use futures::StreamExt;
+        let end =
+            tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("the tunnel ends with its relay");
+        assert!(!matches!(end, Some(Ok(tokio_tungstenite::tungstenite::Message::Text(_)))), "{end:?}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while children_of(proxy.pid()).len() != 2 || children_of(proxy.pid()).contains(&relaying[0]) {
+        assert!(Instant::now() < deadline, "no new worker\n{}", proxy.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    all_serving(&proxy, 2).await;
+    let handed_before = total(&own_metrics(&proxy, 1).await, "proxy_websocket_handoffs_total");
+    let _sockets = open_websockets(&proxy, 100..124).await;
+    let own1 = own_metrics(&proxy, 1).await;
+    assert!(total(&own1, "proxy_websocket_handoffs_total") > handed_before, "{own1}");
+    wait_own(&proxy, 0, "proxy_websockets_active", 24).await;
+    wait_own(&proxy, 1, "proxy_websockets_active", 0).await;
+    assert_eq!(stub(&proxy).await[0], 24);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_relays_0_each_worker_relays_its_own_websockets() {
+    let backends = vec![Backend::start("ws")];
+    let options = ProxyOptions { websocket: "relays = 0\n".into(), ..two_workers() };
+    let proxy = Proxy::start(&addrs(&backends), options).await;
+    all_serving(&proxy, 2).await;
+    let _sockets = open_websockets(&proxy, 0..24).await;
+    let own = [own_metrics(&proxy, 0).await, own_metrics(&proxy, 1).await];
+    let open: Vec<u64> = own.iter().map(|t| total(t, "proxy_websockets_active")).collect();
+    assert!(open.iter().all(|&n| n > 0) && open.iter().sum::<u64>() == 24, "open per worker {open:?}");
+    assert!(own.iter().all(|t| total(t, "proxy_websocket_handoffs_total") == 0));
+    assert_eq!(stub(&proxy).await[0], 24);
+}

@@ -1,4 +1,4 @@
-//! The proxy's worker processes (`server.processes`) need two things safe
+//! The proxy's worker processes (`server.processes`) need a few things safe
 //! Rust has no API for, kept here so the rest of the workspace can forbid
 //! `unsafe`:
 //!
@@ -10,7 +10,10 @@
 //!   process's child; a single-threaded one's child is an ordinary process);
 //! - [`dup_fd`]: a second descriptor for a socket held by a wrapper that
 //!   cannot give it back (Pingora's `Stream`), so a WebSocket tunnel can run
-//!   on the bare socket.
+//!   on the bare socket;
+//! - [`send_fds`] and [`recv_fds`]: descriptors passed to another process
+//!   over a Unix socket (`SCM_RIGHTS`), so a worker can hand a WebSocket
+//!   tunnel's two sockets to the worker whose relay thread carries them.
 
 use std::io;
 use std::sync::atomic::AtomicU64;
@@ -144,4 +147,86 @@ pub fn dup_fd(io: &impl std::os::fd::AsRawFd) -> io::Result<std::os::fd::OwnedFd
     // SAFETY: `io` is borrowed for the whole call, so its descriptor is open
     // while it is borrowed here; the clone is a new descriptor we own.
     unsafe { std::os::fd::BorrowedFd::borrow_raw(io.as_raw_fd()) }.try_clone_to_owned()
+}
+
+/// Sends `data` with duplicates of `fds` (`SCM_RIGHTS`) as one message on the
+/// Unix socket `socket`, without waiting: a full socket is `WouldBlock`.
+pub fn send_fds(
+    socket: &impl std::os::fd::AsRawFd,
+    data: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let raw: Vec<_> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let rights = [ControlMessage::ScmRights(&raw)];
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+    let sent = sendmsg::<()>(socket.as_raw_fd(), &[io::IoSlice::new(data)], &rights, flags, None)?;
+    if sent != data.len() {
+        return Err(io::Error::new(io::ErrorKind::WriteZero, "message cut short"));
+    }
+    Ok(())
+}
+
+/// Most descriptors [`recv_fds`] takes from one message; more are closed.
+pub const MAX_FDS: usize = 4;
+
+/// Receives one message sent by [`send_fds`] from `socket` into `data`,
+/// without waiting (nothing queued is `WouldBlock`); returns its length and
+/// the descriptors that came with it (close-on-exec).
+pub fn recv_fds(socket: &impl std::os::fd::AsRawFd, data: &mut [u8]) -> io::Result<(usize, Vec<std::os::fd::OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; MAX_FDS]);
+    let mut iov = [io::IoSliceMut::new(data)];
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+    let msg = recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(&mut space), flags)?;
+    let mut fds = Vec::new();
+    // Truncated control data (more descriptors than room) is an error from
+    // `cmsgs`; the kernel has closed what did not fit.
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            // SAFETY: the kernel installed these descriptors in this process
+            // for this message; nothing else owns them.
+            fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+        }
+    }
+    if msg.flags.contains(MsgFlags::MSG_TRUNC) {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "message longer than its buffer"));
+    }
+    Ok((msg.bytes, fds))
+}
+
+#[cfg(test)]
+mod pass_tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    use std::os::unix::net::{UnixDatagram, UnixStream};
+
+    #[test]
+    fn descriptors_cross_a_socket_pair_with_their_message() {
+        let (tx, rx) = UnixDatagram::pair().unwrap();
+        let (mut mine, theirs) = UnixStream::pair().unwrap();
+        send_fds(&tx, b"hello", &[theirs.as_fd()]).unwrap();
+        drop(theirs);
+        let mut buf = [0u8; 16];
+        let (n, fds) = recv_fds(&rx, &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"hello");
+        assert_eq!(fds.len(), 1);
+        // The received descriptor is the same connection: bytes written to
+        // it reach the other end.
+        let mut received = UnixStream::from(fds.into_iter().next().unwrap());
+        received.write_all(b"through").unwrap();
+        let mut got = [0u8; 7];
+        mine.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"through");
+    }
+
+    #[test]
+    fn nothing_queued_is_would_block() {
+        let (_tx, rx) = UnixDatagram::pair().unwrap();
+        let e = recv_fds(&rx, &mut [0u8; 8]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+    }
 }

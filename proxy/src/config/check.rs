@@ -116,6 +116,7 @@ pub(super) fn check(source: &Source, overrides: &Overrides) -> Result<Config, Co
         }
     };
     let websocket_idle_timeout = c.positive_duration("websocket.idle_timeout", &raw.websocket.idle_timeout);
+    let websocket_relays = c.within("websocket.relays", &raw.websocket.relays, 0, 64);
 
     let mut upstreams = Vec::new();
     for (name, group) in &raw.upstreams {
@@ -147,7 +148,7 @@ pub(super) fn check(source: &Source, overrides: &Overrides) -> Result<Config, Co
     // Longest prefix first, so the first match is the most specific.
     routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
 
-    c.finish(Config { server, listen, client, sticky, websocket_idle_timeout, upstreams, routes })
+    c.finish(Config { server, listen, client, sticky, websocket_idle_timeout, websocket_relays, upstreams, routes })
 }
 
 fn existing_file(c: &mut Checker<'_>, key: &str, value: &Spanned<String>) -> PathBuf {

@@ -157,6 +157,9 @@ pub struct FileWebsocket {
     /// An upgraded connection silent this long on both sides is closed.
     #[serde(default = "default_ws_idle")]
     pub idle_timeout: Spanned<String>,
+    /// Worker processes whose relay thread carries the tunnels (0: each its own).
+    #[serde(default = "default_ws_relays")]
+    pub relays: Spanned<usize>,
 }
 
 /// `[upstreams.<name>]`
@@ -225,6 +228,10 @@ fn default_work_stealing() -> bool {
 
 fn default_fast_path() -> bool {
     true
+}
+
+fn default_ws_relays() -> Spanned<usize> {
+    unspanned(1)
 }
 
 fn default_processes() -> Spanned<usize> {
@@ -386,7 +393,7 @@ impl Default for FileSticky {
 }
 impl Default for FileWebsocket {
     fn default() -> Self {
-        Self { idle_timeout: default_ws_idle() }
+        Self { idle_timeout: default_ws_idle(), relays: default_ws_relays() }
     }
 }
 impl Default for FileHealth {

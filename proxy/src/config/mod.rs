@@ -45,6 +45,9 @@ pub struct Config {
     pub sticky: StickyKey,
     /// Idle lifetime of an upgraded connection.
     pub websocket_idle_timeout: Duration,
+    /// Worker processes whose relay thread carries every worker's tunnels
+    /// (at most `server.processes`; 0: each worker relays its own).
+    pub websocket_relays: usize,
     /// Upstream groups, sorted by name.
     pub upstreams: Vec<UpstreamConfig>,
     /// Routes, longest prefix first.

@@ -76,8 +76,26 @@ impl Tunnel {
     /// when it ends.
     pub fn start(self, hold: impl Send + 'static) {
         let Tunnel { client, upstream, idle, _gauge } = self;
-        tunnel::start(client, upstream, idle, Box::new((_gauge, hold)));
+        let state = _gauge.0.clone();
+        let hand_to = state.worker.as_ref().and_then(|w| w.relay_outbox.as_deref());
+        let outcome = match tunnel::start(client, upstream, idle, Box::new((_gauge, hold)), hand_to) {
+            tunnel::Started::Here => return,
+            tunnel::Started::HandedOver => "handed_over",
+            tunnel::Started::Kept => "kept",
+        };
+        state.metrics.websocket_handoffs.with_label_values(&[outcome]).inc();
     }
+}
+
+/// Takes tunnels handed over by sibling workers on `socket` into this
+/// process's relay thread, counting each as an open connection and
+/// WebSocket here (see [`relay`]). Call before serving.
+pub fn relay_for_siblings(state: &Arc<State>, socket: std::os::unix::net::UnixDatagram) {
+    let state = state.clone();
+    let adopt = Box::new(move || -> Box<dyn Send> {
+        Box::new((WebSocketGauge::open(state.clone()), crate::connections::OpenConnection::open(state.clone())))
+    });
+    relay::Relay::start_with_inbox(relay::Inbox { socket, adopt });
 }
 
 /// The lean path's shared part.

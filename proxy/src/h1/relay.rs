@@ -6,9 +6,17 @@
 //! are kept only while the receiving side is not taking them (at most one
 //! read, [`READ`], per direction), and then the other side is not read, so
 //! TCP's window pushes back on the sender.
+//!
+//! With several worker processes, fewer relays carry the same frames with
+//! fewer wake-ups (more events per `epoll_wait`): `websocket.relays` names
+//! how many workers relay, and the others hand each tunnel's two sockets
+//! over a Unix socket ([`hand_over`]) to a relay worker, whose thread takes
+//! them from its [`Inbox`] and counts them as its own.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixDatagram;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -24,6 +32,8 @@ const QUEUE: usize = 1024;
 /// The token of the waker; a tunnel's are `2 * key` (client) and
 /// `2 * key + 1` (backend).
 const WAKE: Token = Token(usize::MAX);
+/// The token of the inbox (tunnels from sibling workers).
+const INBOX: Token = Token(usize::MAX - 1);
 
 /// A tunnel to relay: both sockets non-blocking, and what must live as long
 /// as the tunnel (gauges, the connection count).
@@ -33,6 +43,34 @@ pub struct Job {
     pub idle: Duration,
     pub hold: Box<dyn Send>,
 }
+
+/// Where a relay worker takes its siblings' tunnels from.
+pub struct Inbox {
+    /// The receiving end of the socket the siblings send on.
+    pub socket: UnixDatagram,
+    /// Counts a tunnel taken over in this process (open connection,
+    /// WebSocket gauge) for as long as the returned value lives.
+    pub adopt: Box<dyn Fn() -> Box<dyn Send> + Send>,
+}
+
+/// Hands `job`'s sockets to a sibling worker's relay over `socket` (the
+/// sending end of its [`Inbox`]). On success this process's descriptors
+/// close and `job.hold` is dropped here: the receiving worker counts the
+/// tunnel. Gives the job back when the socket takes no more now.
+pub fn hand_over(socket: &UnixDatagram, job: Job) -> Result<(), Job> {
+    let idle = u64::try_from(job.idle.as_millis()).unwrap_or(u64::MAX).to_le_bytes();
+    match worker_sys::send_fds(socket, &idle, &[job.client.as_fd(), job.upstream.as_fd()]) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            if e.kind() != io::ErrorKind::WouldBlock {
+                log::warn!("cannot hand a WebSocket tunnel to the relay worker, relaying it here: {e}");
+            }
+            Err(job)
+        }
+    }
+}
+
+static RELAY: OnceLock<Option<Relay>> = OnceLock::new();
 
 /// The way to the process's relay thread.
 pub struct Relay {
@@ -44,20 +82,33 @@ impl Relay {
     /// The process's relay, started on first use; `None` when it cannot be
     /// (the caller relays on its own).
     pub fn get() -> Option<&'static Relay> {
-        static RELAY: OnceLock<Option<Relay>> = OnceLock::new();
-        RELAY
-            .get_or_init(|| {
-                Relay::start().inspect_err(|e| log::warn!("no relay thread, tunnels run as tasks: {e}")).ok()
-            })
-            .as_ref()
+        RELAY.get_or_init(|| Relay::start(None)).as_ref()
     }
 
-    fn start() -> io::Result<Relay> {
-        let poll = Poll::new()?;
-        let waker = Waker::new(poll.registry(), WAKE)?;
-        let (jobs, queued) = sync_channel(QUEUE);
-        std::thread::Builder::new().name("relay".into()).spawn(move || Loop::new(poll, queued).run())?;
-        Ok(Relay { jobs, waker })
+    /// Starts this process's relay now, taking tunnels from `inbox` too
+    /// (a relay worker, before it serves). Does nothing if it has started.
+    pub fn start_with_inbox(inbox: Inbox) {
+        RELAY.get_or_init(|| Relay::start(Some(inbox)));
+    }
+
+    fn start(inbox: Option<Inbox>) -> Option<Relay> {
+        let start = || -> io::Result<Relay> {
+            let poll = Poll::new()?;
+            let waker = Waker::new(poll.registry(), WAKE)?;
+            let inbox = match inbox {
+                Some(inbox) => {
+                    inbox.socket.set_nonblocking(true)?;
+                    let mut socket = mio::net::UnixDatagram::from_std(inbox.socket);
+                    poll.registry().register(&mut socket, INBOX, Interest::READABLE)?;
+                    Some((socket, inbox.adopt))
+                }
+                None => None,
+            };
+            let (jobs, queued) = sync_channel(QUEUE);
+            std::thread::Builder::new().name("relay".into()).spawn(move || Loop::new(poll, queued, inbox).run())?;
+            Ok(Relay { jobs, waker })
+        };
+        start().inspect_err(|e| log::error!("no relay thread, tunnels run as tasks: {e}")).ok()
     }
 
     /// Hands `job` to the thread; gives it back when the queue is full or the
@@ -108,6 +159,8 @@ enum Flow {
 struct Loop {
     poll: Poll,
     queued: Receiver<Job>,
+    /// Tunnels handed over by sibling workers, and how to count one here.
+    inbox: Option<(mio::net::UnixDatagram, Box<dyn Fn() -> Box<dyn Send> + Send>)>,
     tunnels: Slab<Tunnel>,
     buf: Box<[u8]>,
     /// How often idle tunnels are looked for: a quarter of the shortest
@@ -117,10 +170,15 @@ struct Loop {
 }
 
 impl Loop {
-    fn new(poll: Poll, queued: Receiver<Job>) -> Self {
+    fn new(
+        poll: Poll,
+        queued: Receiver<Job>,
+        inbox: Option<(mio::net::UnixDatagram, Box<dyn Fn() -> Box<dyn Send> + Send>)>,
+    ) -> Self {
         Self {
             poll,
             queued,
+            inbox,
             tunnels: Slab::new(),
             buf: vec![0; READ].into_boxed_slice(),
             sweep_every: Duration::from_secs(1),
@@ -145,7 +203,15 @@ impl Loop {
             let now = Instant::now();
             for event in events.iter() {
                 if event.token() == WAKE {
-                    self.take_jobs(now);
+                    while let Ok(job) = self.queued.try_recv() {
+                        self.add(job, now);
+                    }
+                    continue;
+                }
+                if event.token() == INBOX {
+                    for job in self.handed_over() {
+                        self.add(job, now);
+                    }
                     continue;
                 }
                 let key = event.token().0 / 2;
@@ -168,41 +234,77 @@ impl Loop {
         }
     }
 
-    fn take_jobs(&mut self, now: Instant) {
-        while let Ok(job) = self.queued.try_recv() {
-            let first = self.tunnels.is_empty();
-            let entry = self.tunnels.vacant_entry();
-            let key = entry.key();
-            let mut client = TcpStream::from_std(job.client);
-            let mut upstream = TcpStream::from_std(job.upstream);
-            let registry = self.poll.registry();
-            let both = Interest::READABLE | Interest::WRITABLE;
-            if let Err(e) = registry
-                .register(&mut client, Token(2 * key), both)
-                .and_then(|()| registry.register(&mut upstream, Token(2 * key + 1), both))
-            {
-                log::warn!("relay thread: cannot watch a tunnel's sockets, closing it: {e}");
-                let _ = registry.deregister(&mut client);
-                continue;
-            }
-            let every = (job.idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-            if first || every < self.sweep_every {
-                self.sweep_every = every;
-                self.next_sweep = now + every;
-            }
-            entry.insert(Tunnel {
-                client,
-                upstream,
-                to_upstream: Vec::new(),
-                to_client: Vec::new(),
-                client_open: true,
-                client_hup: false,
-                upstream_hup: false,
-                idle: job.idle,
-                last: now,
-                _hold: job.hold,
-            });
+    /// Starts relaying `job`.
+    fn add(&mut self, job: Job, now: Instant) {
+        let first = self.tunnels.is_empty();
+        let entry = self.tunnels.vacant_entry();
+        let key = entry.key();
+        let mut client = TcpStream::from_std(job.client);
+        let mut upstream = TcpStream::from_std(job.upstream);
+        let registry = self.poll.registry();
+        let both = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = registry
+            .register(&mut client, Token(2 * key), both)
+            .and_then(|()| registry.register(&mut upstream, Token(2 * key + 1), both))
+        {
+            log::warn!("relay thread: cannot watch a tunnel's sockets, closing it: {e}");
+            let _ = registry.deregister(&mut client);
+            return;
         }
+        let every = (job.idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        if first || every < self.sweep_every {
+            self.sweep_every = every;
+            self.next_sweep = now + every;
+        }
+        entry.insert(Tunnel {
+            client,
+            upstream,
+            to_upstream: Vec::new(),
+            to_client: Vec::new(),
+            client_open: true,
+            client_hup: false,
+            upstream_hup: false,
+            idle: job.idle,
+            last: now,
+            _hold: job.hold,
+        });
+    }
+
+    /// The tunnels waiting in the inbox (read until it is empty: the
+    /// registration is edge-triggered), each counted in this process.
+    fn handed_over(&mut self) -> Vec<Job> {
+        let mut jobs = Vec::new();
+        let Some((socket, adopt)) = &self.inbox else { return jobs };
+        let mut idle = [0u8; 8];
+        loop {
+            match worker_sys::recv_fds(socket, &mut idle) {
+                Ok((8, fds)) if fds.len() == 2 => {
+                    let [client, upstream]: [_; 2] = fds.try_into().expect("two descriptors");
+                    let (client, upstream) = (std::net::TcpStream::from(client), std::net::TcpStream::from(upstream));
+                    // Non-blocking is a property of the open socket, so it
+                    // came along; made sure of, as a blocking read would
+                    // stall every tunnel.
+                    if let Err(e) = client.set_nonblocking(true).and_then(|()| upstream.set_nonblocking(true)) {
+                        log::warn!("relay thread: a tunnel handed over cannot be made non-blocking, closing it: {e}");
+                        continue;
+                    }
+                    let idle = Duration::from_millis(u64::from_le_bytes(idle));
+                    jobs.push(Job { client, upstream, idle, hold: adopt() });
+                }
+                // Its descriptors close as they drop.
+                Ok((n, fds)) => {
+                    log::warn!("relay thread: dropped a malformed hand-over ({n} bytes, {} fds)", fds.len())
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // The next message to arrive raises a new edge.
+                    log::warn!("relay thread: cannot read the hand-over socket: {e}");
+                    break;
+                }
+            }
+        }
+        jobs
     }
 
     /// Closes the tunnels that moved nothing for their idle time.

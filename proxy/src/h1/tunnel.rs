@@ -3,6 +3,7 @@
 //! or, where it cannot serve, as a task with a small buffer per direction
 //! (frames of a chat are small).
 
+use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 use pingora_core::protocols::{l4, Stream};
@@ -17,16 +18,36 @@ use super::relay;
 /// tunnel is idle; they are most of what an idle tunnel holds.)
 const BUFFER: usize = 2048;
 
+/// How a tunnel left this process's hands.
+pub enum Started {
+    /// Relayed here (relay thread or task).
+    Here,
+    /// Handed to a sibling worker's relay.
+    HandedOver,
+    /// A sibling's relay was named but took no more now: relayed here.
+    Kept,
+}
+
 /// Starts the tunnel; `hold` is dropped when it ends. A plain TCP client
-/// goes to the process's relay thread ([`super::relay`]) as a bare socket:
-/// Pingora's `Stream` wrapper does per-read and per-write bookkeeping
-/// (rewind buffer, pending-time accounting, buffered writer) for HTTP, not
-/// for frames passed through. A TLS client, or any tunnel the relay cannot
-/// take, runs as a task of its own.
-pub fn start(client: Stream, upstream: TcpStream, idle: Duration, hold: Box<dyn Send>) {
+/// goes as a bare socket to a relay thread ([`super::relay`]): the sibling
+/// worker's behind `hand_to`, else this process's. Pingora's `Stream`
+/// wrapper does per-read and per-write bookkeeping (rewind buffer,
+/// pending-time accounting, buffered writer) for HTTP, not for frames passed
+/// through. A TLS client, or any tunnel no relay takes, runs as a task of
+/// its own.
+pub fn start(
+    client: Stream,
+    upstream: TcpStream,
+    idle: Duration,
+    hold: Box<dyn Send>,
+    hand_to: Option<&UnixDatagram>,
+) -> Started {
     let fd = match client.as_any().downcast_ref::<l4::stream::Stream>().map(worker_sys::dup_fd) {
         Some(Ok(fd)) => fd,
-        _ => return spawn_pass(client, upstream, idle, hold),
+        _ => {
+            spawn_pass(client, upstream, idle, hold);
+            return Started::Here;
+        }
     };
     // Dropping the wrapper closes its descriptor and takes it out of the
     // runtime's poller; the duplicate keeps the connection open. (The lean
@@ -37,12 +58,22 @@ pub fn start(client: Stream, upstream: TcpStream, idle: Duration, hold: Box<dyn 
     // Out of the runtime's poller too, left non-blocking.
     let upstream = match client.set_nonblocking(true).and_then(|()| upstream.into_std()) {
         Ok(upstream) => upstream,
-        Err(e) => return log::warn!("websocket tunnel: cannot take its sockets, closing: {e}"),
+        Err(e) => {
+            log::warn!("websocket tunnel: cannot take its sockets, closing: {e}");
+            return Started::Here;
+        }
     };
-    let job = relay::Job { client, upstream, idle, hold };
+    let mut job = relay::Job { client, upstream, idle, hold };
+    let mut started = Started::Here;
+    if let Some(socket) = hand_to {
+        match relay::hand_over(socket, job) {
+            Ok(()) => return Started::HandedOver,
+            Err(back) => (job, started) = (back, Started::Kept),
+        }
+    }
     let job = match relay::Relay::get() {
         Some(relay) => match relay.submit(job) {
-            Ok(()) => return,
+            Ok(()) => return started,
             Err(job) => job,
         },
         None => job,
@@ -52,6 +83,7 @@ pub fn start(client: Stream, upstream: TcpStream, idle: Duration, hold: Box<dyn 
         Ok((client, upstream)) => spawn_pass(client, upstream, idle, hold),
         Err(e) => log::warn!("websocket tunnel: cannot register its sockets, closing: {e}"),
     }
+    started
 }
 
 /// Runs the tunnel as a task of its own; `hold` is dropped when it ends.

@@ -25,7 +25,7 @@ pub mod gather;
 
 use std::collections::hash_map::RandomState;
 use std::io;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -84,6 +84,11 @@ pub struct Worker {
     pub count: usize,
     /// Directory of the workers' metrics sockets.
     pub dir: PathBuf,
+    /// A relay worker's inbox: its siblings' WebSocket tunnels arrive here
+    /// (`websocket.relays`; see [`crate::h1`]'s relay thread).
+    pub relay_inbox: Option<Arc<UnixDatagram>>,
+    /// Where a worker that relays none of its tunnels hands them.
+    pub relay_outbox: Option<Arc<UnixDatagram>>,
 }
 
 impl Worker {
@@ -162,11 +167,25 @@ pub fn supervise(
     let dir = PathBuf::from(format!("{upgrade_sock}.workers.{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(ProxyError::Workers)?;
     let seen = Seen::watch().map_err(ProxyError::Workers)?;
+    // One socket pair per relay worker, made before the workers so all share
+    // them, and kept here so a restarted relay worker takes what was sent
+    // to it meanwhile.
+    let relays = config.websocket_relays.min(count);
+    let relay_sockets: Vec<(Arc<UnixDatagram>, Arc<UnixDatagram>)> = (0..relays)
+        .map(|_| UnixDatagram::pair().map(|(tx, rx)| (Arc::new(tx), Arc::new(rx))))
+        .collect::<io::Result<_>>()
+        .map_err(ProxyError::Workers)?;
 
     let spawn = |index: usize, config: &Config| -> io::Result<Running> {
         match worker_sys::fork()? {
             worker_sys::Forked::Child => {
-                let worker = Worker { index, count, dir: dir.clone() };
+                let worker = Worker {
+                    index,
+                    count,
+                    dir: dir.clone(),
+                    relay_inbox: relay_sockets.get(index).map(|(_, rx)| rx.clone()),
+                    relay_outbox: (index >= relays && relays > 0).then(|| relay_sockets[index % relays].0.clone()),
+                };
                 let code = match serve(worker, config.clone()) {
                     Ok(()) => 0,
                     Err(e) => {

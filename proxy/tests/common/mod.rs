@@ -170,6 +170,8 @@ pub struct ProxyOptions {
     pub health: String,
     /// `[websocket]` idle timeout.
     pub ws_idle: String,
+    /// Extra TOML for `[websocket]`.
+    pub websocket: String,
     /// Routes (TOML), or empty for the defaults.
     pub routes: String,
     /// Extra tables appended at the end (e.g. `[listen.tls]`).
@@ -184,6 +186,7 @@ impl Default for ProxyOptions {
             upstream: String::new(),
             health: "interval = \"200ms\"\ntimeout = \"500ms\"\nrise = 1\nfall = 1\n".into(),
             ws_idle: "1h".into(),
+            websocket: String::new(),
             routes: String::new(),
             extra: String::new(),
         }
@@ -203,7 +206,7 @@ pub fn config_text(
         "[server]\nthreads = 2\n{grace}shutdown_timeout = \"1s\"\npid_file = \"{dir}/proxy.pid\"\nupgrade_sock = \"{dir}/upgrade.sock\"\n{server}\n\
          [listen]\npublic = \"127.0.0.1:{public}\"\nstatus = \"127.0.0.1:{status}\"\n\
          [client]\n{client}\n\
-         [websocket]\nidle_timeout = \"{ws}\"\n\
+         [websocket]\nidle_timeout = \"{ws}\"\n{websocket}\n\
          [upstreams.backends]\nservers = [{servers}]\n{upstream}\n\
          [upstreams.backends.health]\n{health}\n{routes}\n{extra}\n",
         dir = dir.display(),
@@ -211,6 +214,7 @@ pub fn config_text(
         server = o.server,
         client = o.client,
         ws = o.ws_idle,
+        websocket = o.websocket,
         servers = servers.join(", "),
         upstream = o.upstream,
         health = o.health,
