@@ -73,6 +73,11 @@ impl ConnectionStats {
         self.gauges.iter().skip(k).step_by(3).map(|w| w.load(Ordering::Relaxed) as i64).sum()
     }
 
+    /// Client connections worker `worker` has open now.
+    pub fn open_in(&self, worker: usize) -> i64 {
+        self.gauges.get(3 * worker).map_or(0, |w| w.load(Ordering::Relaxed) as i64)
+    }
+
     /// Client connections open now in every worker.
     pub fn open_connections(&self) -> i64 {
         self.gauge(0)

@@ -173,28 +173,53 @@ pub const MAX_FDS: usize = 4;
 
 /// Receives one message sent by [`send_fds`] from `socket` into `data`,
 /// without waiting (nothing queued is `WouldBlock`); returns its length and
-/// the descriptors that came with it (close-on-exec).
+/// the descriptors that came with it (close-on-exec). A message cut short
+/// (longer than `data`, more than [`MAX_FDS`] descriptors, or descriptors
+/// the process had no room for) is `InvalidData`, and whatever descriptors
+/// of it did arrive are closed, not leaked.
 pub fn recv_fds(socket: &impl std::os::fd::AsRawFd, data: &mut [u8]) -> io::Result<(usize, Vec<std::os::fd::OwnedFd>)> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    use std::os::fd::{FromRawFd, OwnedFd};
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; MAX_FDS]);
-    let mut iov = [io::IoSliceMut::new(data)];
-    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
-    let msg = recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(&mut space), flags)?;
+    use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+    // Room for one SCM_RIGHTS header and MAX_FDS descriptors, aligned for
+    // the header.
+    let mut control = [0u64; 8];
+    // SAFETY: CMSG_SPACE is arithmetic on its argument.
+    let room = unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) } as usize;
+    assert!(room <= std::mem::size_of_val(&control));
+    let mut iov = libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() };
+    // SAFETY: an all-zero msghdr is valid (no name, no buffers yet).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = room as _;
+    // SAFETY: `msg` points at `iov` (over `data`) and `control`, both alive
+    // and writable for the call.
+    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
     let mut fds = Vec::new();
-    // Truncated control data (more descriptors than room) is an error from
-    // `cmsgs`; the kernel has closed what did not fit.
-    for cmsg in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(raw) = cmsg {
-            // SAFETY: the kernel installed these descriptors in this process
-            // for this message; nothing else owns them.
-            fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+    // SAFETY: the kernel filled `control` with `msg.msg_controllen` bytes of
+    // well-formed headers; the CMSG_* macros walk exactly those. Each
+    // SCM_RIGHTS descriptor was installed in this process for this message
+    // and is owned by nothing else.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let payload = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let first = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                for i in 0..payload / std::mem::size_of::<RawFd>() {
+                    fds.push(OwnedFd::from_raw_fd(first.add(i).read_unaligned()));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
     }
-    if msg.flags.contains(MsgFlags::MSG_TRUNC) {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "message longer than its buffer"));
+    if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "message cut short"));
     }
-    Ok((msg.bytes, fds))
+    Ok((n as usize, fds))
 }
 
 #[cfg(test)]
@@ -221,6 +246,24 @@ mod pass_tests {
         let mut got = [0u8; 7];
         mine.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"through");
+    }
+
+    #[test]
+    fn too_many_descriptors_are_closed_not_leaked() {
+        let (tx, rx) = UnixDatagram::pair().unwrap();
+        let pairs: Vec<_> = (0..MAX_FDS + 1).map(|_| UnixStream::pair().unwrap()).collect();
+        let fds: Vec<_> = pairs.iter().map(|(_, theirs)| theirs.as_fd()).collect();
+        send_fds(&tx, b"x", &fds).unwrap();
+        let e = recv_fds(&rx, &mut [0u8; 8]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        // Every copy that arrived was closed, so once ours close too, each
+        // connection's other end reads end-of-file.
+        let (mine, theirs): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
+        drop(theirs);
+        for mut m in mine {
+            m.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+            assert_eq!(m.read(&mut [0u8; 1]).unwrap(), 0);
+        }
     }
 
     #[test]

@@ -77,14 +77,31 @@ impl Tunnel {
     pub fn start(self, hold: impl Send + 'static) {
         let Tunnel { client, upstream, idle, _gauge } = self;
         let state = _gauge.0.clone();
-        let hand_to = state.worker.as_ref().and_then(|w| w.relay_outbox.as_deref());
+        // The relay worker takes the tunnel while its descriptors have room
+        // for it (the limit is each process's own, the same in every worker).
+        let hand_to = state.worker.as_ref().and_then(|w| w.relay_outbox.as_ref());
+        let room = |worker| state.stats.open_in(worker) < relay_capacity();
+        let hand_to = hand_to.filter(|o| room(o.worker)).map(|o| &*o.socket);
+        let kept_for_room = hand_to.is_none() && state.worker.as_ref().is_some_and(|w| w.relay_outbox.is_some());
         let outcome = match tunnel::start(client, upstream, idle, Box::new((_gauge, hold)), hand_to) {
+            tunnel::Started::Here if kept_for_room => "kept",
             tunnel::Started::Here => return,
             tunnel::Started::HandedOver => "handed_over",
             tunnel::Started::Kept => "kept",
         };
         state.metrics.websocket_handoffs.with_label_values(&[outcome]).inc();
     }
+}
+
+/// Open connections a relay worker may have and still take a tunnel: two
+/// descriptors each, within its open-files limit, less a reserve for
+/// listeners, health checks and the pool.
+fn relay_capacity() -> i64 {
+    static CAPACITY: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *CAPACITY.get_or_init(|| {
+        let soft = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
+        (i64::try_from(soft).unwrap_or(i64::MAX) - 1024).max(0) / 2
+    })
 }
 
 /// Takes tunnels handed over by sibling workers on `socket` into this

@@ -88,7 +88,16 @@ pub struct Worker {
     /// (`websocket.relays`; see [`crate::h1`]'s relay thread).
     pub relay_inbox: Option<Arc<UnixDatagram>>,
     /// Where a worker that relays none of its tunnels hands them.
-    pub relay_outbox: Option<Arc<UnixDatagram>>,
+    pub relay_outbox: Option<RelayOutbox>,
+}
+
+/// A relay worker, as a worker that hands it tunnels sees it.
+#[derive(Debug, Clone)]
+pub struct RelayOutbox {
+    /// Its index (its open connections are counted in shared memory).
+    pub worker: usize,
+    /// The sending end of its inbox.
+    pub socket: Arc<UnixDatagram>,
 }
 
 impl Worker {
@@ -184,7 +193,10 @@ pub fn supervise(
                     count,
                     dir: dir.clone(),
                     relay_inbox: relay_sockets.get(index).map(|(_, rx)| rx.clone()),
-                    relay_outbox: (index >= relays && relays > 0).then(|| relay_sockets[index % relays].0.clone()),
+                    relay_outbox: (index >= relays && relays > 0).then(|| RelayOutbox {
+                        worker: index % relays,
+                        socket: relay_sockets[index % relays].0.clone(),
+                    }),
                 };
                 let code = match serve(worker, config.clone()) {
                     Ok(()) => 0,
