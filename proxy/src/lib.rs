@@ -216,6 +216,7 @@ fn serve(config: Config, options: RunOptions, shared: &Shared, worker: Option<Wo
     let state = startup.block_on(async {
         let state = State::new(config.clone(), shared, worker.clone()).await;
         if let Some(inbox) = worker.as_ref().and_then(|w| w.relay_inbox.as_ref()) {
+            // Until this relay reads, siblings keep their tunnels.
             match inbox.try_clone() {
                 Ok(socket) => h1::relay_for_siblings(&state, socket),
                 Err(e) => log::error!("cannot take WebSocket tunnels from the other workers: {e}"),

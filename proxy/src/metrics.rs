@@ -11,10 +11,14 @@ use prometheus::{
 /// Most worker processes (`server.processes`).
 pub const MAX_WORKERS: usize = 64;
 
+/// Words per worker in [`ConnectionStats`]' shared memory.
+const SLOT: usize = 4;
+
 /// nginx `stub_status` counters, in memory all worker processes share (see
 /// [`crate::workers`]): the totals are common; each worker counts its own
 /// open, reading and writing connections in a slot of its own, so a worker
-/// that dies can be forgotten, and the report sums the slots.
+/// that dies can be forgotten, and the report sums the slots. The slot also
+/// says whether the worker's relay thread takes its siblings' tunnels.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionStats {
     /// Connections accepted.
@@ -29,19 +33,21 @@ pub struct ConnectionStats {
     pub reading: &'static AtomicU64,
     /// Requests this worker is processing or answering now.
     pub writing: &'static AtomicU64,
-    /// Every worker's `[active, reading, writing]`.
+    /// 1 while this worker's relay thread takes its siblings' tunnels.
+    pub relay_ready: &'static AtomicU64,
+    /// Every worker's `[active, reading, writing, relay ready]`.
     gauges: &'static [AtomicU64],
 }
 
 impl ConnectionStats {
     /// Words the counters take in shared memory.
-    pub const WORDS: usize = 3 + 3 * MAX_WORKERS;
+    pub const WORDS: usize = 3 + SLOT * MAX_WORKERS;
 
     /// The counters in `words` (at least [`Self::WORDS`] long), as seen by
     /// worker `worker` of `workers`.
     pub fn over(words: &'static [AtomicU64], worker: usize, workers: usize) -> Self {
         assert!(words.len() >= Self::WORDS && worker < workers && workers <= MAX_WORKERS);
-        let mine = &words[3 + 3 * worker..3 + 3 * worker + 3];
+        let mine = &words[3 + SLOT * worker..3 + SLOT * worker + SLOT];
         Self {
             accepts: &words[0],
             handled: &words[1],
@@ -49,7 +55,8 @@ impl ConnectionStats {
             active: &mine[0],
             reading: &mine[1],
             writing: &mine[2],
-            gauges: &words[3..3 + 3 * workers],
+            relay_ready: &mine[3],
+            gauges: &words[3..3 + SLOT * workers],
         }
     }
 
@@ -61,7 +68,7 @@ impl ConnectionStats {
 
     /// Zeroes worker `worker`'s gauges (it is gone, and its connections with it).
     pub fn forget_worker(words: &'static [AtomicU64], worker: usize) {
-        for w in &words[3 + 3 * worker..3 + 3 * worker + 3] {
+        for w in &words[3 + SLOT * worker..3 + SLOT * worker + SLOT] {
             w.store(0, Ordering::Relaxed);
         }
     }
@@ -70,12 +77,19 @@ impl ConnectionStats {
     /// Each slot only rises and falls by ones, so reading it as i64 undoes
     /// the wrap of a momentary fall below zero.
     fn gauge(&self, k: usize) -> i64 {
-        self.gauges.iter().skip(k).step_by(3).map(|w| w.load(Ordering::Relaxed) as i64).sum()
+        self.gauges.iter().skip(k).step_by(SLOT).map(|w| w.load(Ordering::Relaxed) as i64).sum()
     }
 
     /// Client connections worker `worker` has open now.
     pub fn open_in(&self, worker: usize) -> i64 {
-        self.gauges.get(3 * worker).map_or(0, |w| w.load(Ordering::Relaxed) as i64)
+        self.gauges.get(SLOT * worker).map_or(0, |w| w.load(Ordering::Relaxed) as i64)
+    }
+
+    /// Whether worker `worker`'s relay thread is taking its siblings'
+    /// tunnels (set by that thread; cleared when it stops or the worker is
+    /// forgotten).
+    pub fn relay_ready_in(&self, worker: usize) -> bool {
+        self.gauges.get(SLOT * worker + 3).is_some_and(|w| w.load(Ordering::Acquire) == 1)
     }
 
     /// Client connections open now in every worker.
@@ -280,6 +294,22 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relay_is_ready_only_while_its_worker_says_so_and_is_forgotten_with_it() {
+        let words: &'static [AtomicU64] =
+            Box::leak((0..ConnectionStats::WORDS).map(|_| AtomicU64::new(0)).collect::<Vec<_>>().into_boxed_slice());
+        let (w0, w1) = (ConnectionStats::over(words, 0, 2), ConnectionStats::over(words, 1, 2));
+        assert!(!w1.relay_ready_in(0));
+        w0.relay_ready.store(1, Ordering::Release);
+        w0.active.fetch_add(3, Ordering::Relaxed);
+        w1.active.fetch_add(2, Ordering::Relaxed);
+        assert!(w1.relay_ready_in(0) && !w1.relay_ready_in(1));
+        assert_eq!((w1.open_in(0), w1.open_in(1), w1.open_connections()), (3, 2, 5));
+        ConnectionStats::forget_worker(words, 0);
+        assert!(!w1.relay_ready_in(0));
+        assert_eq!((w1.open_in(0), w1.open_connections()), (0, 2));
+    }
 
     #[test]
     fn stub_status_has_nginx_layout() {

@@ -77,10 +77,13 @@ impl Tunnel {
     pub fn start(self, hold: impl Send + 'static) {
         let Tunnel { client, upstream, idle, _gauge } = self;
         let state = _gauge.0.clone();
-        // The relay worker takes the tunnel while its descriptors have room
-        // for it (the limit is each process's own, the same in every worker).
+        // The relay worker takes the tunnel while its relay thread reads its
+        // inbox and its descriptors have room for it (the limit is each
+        // process's own, the same in every worker). Between this process's
+        // count falling and the relay's rising, the shared open count is
+        // one low for each tunnel in flight.
         let hand_to = state.worker.as_ref().and_then(|w| w.relay_outbox.as_ref());
-        let room = |worker| state.stats.open_in(worker) < relay_capacity();
+        let room = |worker| state.stats.relay_ready_in(worker) && state.stats.open_in(worker) < relay_capacity();
         let hand_to = hand_to.filter(|o| room(o.worker)).map(|o| &*o.socket);
         let kept_for_room = hand_to.is_none() && state.worker.as_ref().is_some_and(|w| w.relay_outbox.is_some());
         let outcome = match tunnel::start(client, upstream, idle, Box::new((_gauge, hold)), hand_to) {
@@ -108,11 +111,12 @@ fn relay_capacity() -> i64 {
 /// process's relay thread, counting each as an open connection and
 /// WebSocket here (see [`relay`]). Call before serving.
 pub fn relay_for_siblings(state: &Arc<State>, socket: std::os::unix::net::UnixDatagram) {
+    let ready = state.stats.relay_ready;
     let state = state.clone();
     let adopt = Box::new(move || -> Box<dyn Send> {
         Box::new((WebSocketGauge::open(state.clone()), crate::connections::OpenConnection::open(state.clone())))
     });
-    relay::Relay::start_with_inbox(relay::Inbox { socket, adopt });
+    relay::Relay::start_with_inbox(relay::Inbox { socket, adopt, ready });
 }
 
 /// The lean path's shared part.

@@ -17,6 +17,7 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -51,6 +52,9 @@ pub struct Inbox {
     /// Counts a tunnel taken over in this process (open connection,
     /// WebSocket gauge) for as long as the returned value lives.
     pub adopt: Box<dyn Fn() -> Box<dyn Send> + Send>,
+    /// Set to 1 while the thread reads the inbox, so siblings hand tunnels
+    /// over only then (and keep them while it cannot).
+    pub ready: &'static AtomicU64,
 }
 
 /// Hands `job`'s sockets to a sibling worker's relay over `socket` (the
@@ -100,7 +104,7 @@ impl Relay {
                     inbox.socket.set_nonblocking(true)?;
                     let mut socket = mio::net::UnixDatagram::from_std(inbox.socket);
                     poll.registry().register(&mut socket, INBOX, Interest::READABLE)?;
-                    Some((socket, inbox.adopt))
+                    Some(Taken { socket, adopt: inbox.adopt, ready: inbox.ready })
                 }
                 None => None,
             };
@@ -156,11 +160,18 @@ enum Flow {
     Failed,
 }
 
+/// The inbox as the thread holds it.
+struct Taken {
+    socket: mio::net::UnixDatagram,
+    adopt: Box<dyn Fn() -> Box<dyn Send> + Send>,
+    ready: &'static AtomicU64,
+}
+
 struct Loop {
     poll: Poll,
     queued: Receiver<Job>,
-    /// Tunnels handed over by sibling workers, and how to count one here.
-    inbox: Option<(mio::net::UnixDatagram, Box<dyn Fn() -> Box<dyn Send> + Send>)>,
+    /// Tunnels handed over by sibling workers.
+    inbox: Option<Taken>,
     tunnels: Slab<Tunnel>,
     buf: Box<[u8]>,
     /// How often idle tunnels are looked for: a quarter of the shortest
@@ -170,11 +181,7 @@ struct Loop {
 }
 
 impl Loop {
-    fn new(
-        poll: Poll,
-        queued: Receiver<Job>,
-        inbox: Option<(mio::net::UnixDatagram, Box<dyn Fn() -> Box<dyn Send> + Send>)>,
-    ) -> Self {
+    fn new(poll: Poll, queued: Receiver<Job>, inbox: Option<Taken>) -> Self {
         Self {
             poll,
             queued,
@@ -188,6 +195,9 @@ impl Loop {
 
     fn run(mut self) {
         let mut events = Events::with_capacity(1024);
+        if let Some(inbox) = &self.inbox {
+            inbox.ready.store(1, Ordering::Release);
+        }
         loop {
             // No timer while there is no tunnel: an idle process sleeps.
             let wait = (!self.tunnels.is_empty()).then(|| self.next_sweep.saturating_duration_since(Instant::now()));
@@ -198,6 +208,9 @@ impl Loop {
                 // Cannot happen with a valid epoll descriptor; the tunnels
                 // close with the process.
                 log::error!("relay thread: epoll failed, stopping: {e}");
+                if let Some(inbox) = &self.inbox {
+                    inbox.ready.store(0, Ordering::Release);
+                }
                 return;
             }
             let now = Instant::now();
@@ -274,7 +287,7 @@ impl Loop {
     /// registration is edge-triggered), each counted in this process.
     fn handed_over(&mut self) -> Vec<Job> {
         let mut jobs = Vec::new();
-        let Some((socket, adopt)) = &self.inbox else { return jobs };
+        let Some(Taken { socket, adopt, .. }) = &self.inbox else { return jobs };
         let mut idle = [0u8; 8];
         loop {
             match worker_sys::recv_fds(socket, &mut idle) {
@@ -297,6 +310,11 @@ impl Loop {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Read and cut short (no room for its descriptors, say):
+                // what arrived of it is closed; read on.
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    log::warn!("relay thread: dropped a tunnel handed over: {e}");
+                }
                 Err(e) => {
                     // The next message to arrive raises a new edge.
                     log::warn!("relay thread: cannot read the hand-over socket: {e}");
