@@ -19,6 +19,8 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
 [[ $# -ge 2 ]] || { sed -n '2,19p' "$0"; exit 64; }
 bins=("$1" "$2")
 conc=${3:-16}
@@ -29,12 +31,7 @@ work=$(mktemp -d /tmp/ab.XXXXXX)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
 
-backends=()
-for i in 1 2 3; do
-    target/release/loadgen http-backend --port $((18500 + i)) --id "$i" >>"$work/backends.log" 2>&1 &
-    pids+=($!)
-    backends+=("127.0.0.1:$((18500 + i))")
-done
+start_http_backends "$work" 18500
 proxies=()
 server_toml=("${SERVER_TOML_A:-${SERVER_TOML:-processes = 2\nthreads = 1}}"
     "${SERVER_TOML_B:-${SERVER_TOML:-processes = 2\nthreads = 1}}")

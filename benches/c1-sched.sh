@@ -15,6 +15,8 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
 rounds=${1:-6}
 bin=${BIN:-target/release/proxy}
 . scripts/setup.sh
@@ -26,12 +28,7 @@ work=$(mktemp -d /tmp/c1-sched.XXXXXX)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
 
-backends=()
-for i in 1 2 3; do
-    target/release/loadgen http-backend --port $((18600 + i)) --id "$i" >>"$work/backends.log" 2>&1 &
-    pids+=($!)
-    backends+=("127.0.0.1:$((18600 + i))")
-done
+start_http_backends "$work" 18600
 grep -v '^processes = \|^threads = ' benches/proxy-bench.toml |
     sed -e "s/^\[server\]/[server]\nprocesses = 2\nthreads = 1/" -e "s|/tmp/bench-proxy|$work/p|" >"$work/p.toml"
 RUST_LOG=warn PROXY_LISTEN=127.0.0.1:18610 PROXY_STATUS_LISTEN=127.0.0.1:18620 \

@@ -11,6 +11,8 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
 conc=${1:-8}
 secs=${2:-10}
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
@@ -18,12 +20,7 @@ cargo build --release -q -p proxy -p loadgen
 work=$(mktemp -d /tmp/upgrade.XXXXXX)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; [[ -f $work/proxy.pid ]] && kill "$(cat "$work/proxy.pid")" 2>/dev/null; rm -rf "$work"' EXIT
-backends=()
-for i in 1 2 3; do
-    target/release/loadgen http-backend --port $((18600 + i)) --id "$i" >>"$work/backends.log" 2>&1 &
-    pids+=($!)
-    backends+=("127.0.0.1:$((18600 + i))")
-done
+start_http_backends "$work" 18600
 sed -e "s|/tmp/bench-proxy|$work/proxy|" -e "s|^pid_file = .*|pid_file = \"$work/proxy.pid\"|" \
     benches/proxy-bench.toml >"$work/proxy.toml"
 run_proxy() {
