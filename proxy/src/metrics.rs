@@ -129,7 +129,8 @@ pub struct Metrics {
     /// Upgraded (WebSocket) connections open now.
     pub websockets_active: IntGauge,
     /// Tunnels meant for a sibling worker's relay, by outcome: handed over,
-    /// or kept here because its socket took no more.
+    /// or kept here (that relay was not reading, had no descriptors to
+    /// spare, or its socket took no more).
     pub websocket_handoffs: IntCounterVec,
     /// Requests refused by a limit, by reason.
     pub rejected: IntCounterVec,

@@ -82,17 +82,15 @@ impl Tunnel {
         // process's own, the same in every worker). Between this process's
         // count falling and the relay's rising, the shared open count is
         // one low for each tunnel in flight.
-        let hand_to = state.worker.as_ref().and_then(|w| w.relay_outbox.as_ref());
-        let room = |worker| state.stats.relay_ready_in(worker) && state.stats.open_in(worker) < relay_capacity();
-        let hand_to = hand_to.filter(|o| room(o.worker)).map(|o| &*o.socket);
-        let kept_for_room = hand_to.is_none() && state.worker.as_ref().is_some_and(|w| w.relay_outbox.is_some());
-        let outcome = match tunnel::start(client, upstream, idle, Box::new((_gauge, hold)), hand_to) {
-            tunnel::Started::Here if kept_for_room => "kept",
-            tunnel::Started::Here => return,
-            tunnel::Started::HandedOver => "handed_over",
-            tunnel::Started::Kept => "kept",
-        };
-        state.metrics.websocket_handoffs.with_label_values(&[outcome]).inc();
+        let outbox = state.worker.as_ref().and_then(|w| w.relay_outbox.as_ref());
+        let hand_to = outbox
+            .filter(|o| state.stats.relay_ready_in(o.worker) && state.stats.open_in(o.worker) < relay_capacity())
+            .map(|o| &*o.socket);
+        let handed_over = tunnel::start(client, upstream, idle, Box::new((_gauge, hold)), hand_to);
+        if outbox.is_some() {
+            let outcome = if handed_over { "handed_over" } else { "kept" };
+            state.metrics.websocket_handoffs.with_label_values(&[outcome]).inc();
+        }
     }
 }
 

@@ -18,35 +18,25 @@ use super::relay;
 /// tunnel is idle; they are most of what an idle tunnel holds.)
 const BUFFER: usize = 2048;
 
-/// How a tunnel left this process's hands.
-pub enum Started {
-    /// Relayed here (relay thread or task).
-    Here,
-    /// Handed to a sibling worker's relay.
-    HandedOver,
-    /// A sibling's relay was named but took no more now: relayed here.
-    Kept,
-}
-
 /// Starts the tunnel; `hold` is dropped when it ends. A plain TCP client
 /// goes as a bare socket to a relay thread ([`super::relay`]): the sibling
 /// worker's behind `hand_to`, else this process's. Pingora's `Stream`
 /// wrapper does per-read and per-write bookkeeping (rewind buffer,
 /// pending-time accounting, buffered writer) for HTTP, not for frames passed
 /// through. A TLS client, or any tunnel no relay takes, runs as a task of
-/// its own.
+/// its own. Returns whether the tunnel was handed to the sibling.
 pub fn start(
     client: Stream,
     upstream: TcpStream,
     idle: Duration,
     hold: Box<dyn Send>,
     hand_to: Option<&UnixDatagram>,
-) -> Started {
+) -> bool {
     let fd = match client.as_any().downcast_ref::<l4::stream::Stream>().map(worker_sys::dup_fd) {
         Some(Ok(fd)) => fd,
         _ => {
             spawn_pass(client, upstream, idle, hold);
-            return Started::Here;
+            return false;
         }
     };
     // Dropping the wrapper closes its descriptor and takes it out of the
@@ -60,20 +50,19 @@ pub fn start(
         Ok(upstream) => upstream,
         Err(e) => {
             log::warn!("websocket tunnel: cannot take its sockets, closing: {e}");
-            return Started::Here;
+            return false;
         }
     };
     let mut job = relay::Job { client, upstream, idle, hold };
-    let mut started = Started::Here;
     if let Some(socket) = hand_to {
         match relay::hand_over(socket, job) {
-            Ok(()) => return Started::HandedOver,
-            Err(back) => (job, started) = (back, Started::Kept),
+            Ok(()) => return true,
+            Err(back) => job = back,
         }
     }
     let job = match relay::Relay::get() {
         Some(relay) => match relay.submit(job) {
-            Ok(()) => return started,
+            Ok(()) => return false,
             Err(job) => job,
         },
         None => job,
@@ -83,7 +72,7 @@ pub fn start(
         Ok((client, upstream)) => spawn_pass(client, upstream, idle, hold),
         Err(e) => log::warn!("websocket tunnel: cannot register its sockets, closing: {e}"),
     }
-    started
+    false
 }
 
 /// Runs the tunnel as a task of its own; `hold` is dropped when it ends.
