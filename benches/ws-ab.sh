@@ -15,6 +15,8 @@
 # Environment: SPREAD_MS [0] spreads the first chats (as run.sh's steady cells);
 # CHATS [3] chats per session; SERVER_TOML_B adds lines to B's [server]
 # (one binary in two settings: SERVER_TOML_B='work_stealing = false');
+# SED_B is a sed script applied to B's config after that (other sections:
+# SED_B='s/^relays = 1/relays = 0/');
 # DIRECT=1 adds a round straight to one backend (no front; its CPU reads 0);
 # PERF_STAT=EVENTS counts perf events on each front's processes during each
 # of its rounds (PERF_STAT='syscalls:sys_enter_*', or task-clock,context-switches)
@@ -45,7 +47,8 @@ grep -q 'chat cluster is up' "$work/cluster.log" || { cat "$work/cluster.log" >&
 mapfile -t backends < <(awk '$1 ~ /^backend-[0-9]+$/ {sub("http://", "", $2); print $2}' "$work/cluster.log")
 proxy_a=$(pgrep -P "$cluster" -x "$(basename "$bin_a")" | head -1)
 
-sed -e "s|/tmp/bench-cluster-proxy|$work/b|" -e "s/^\[server\]/[server]\n${SERVER_TOML_B:-}/" benches/conf/proxy.toml >"$work/b.toml"
+sed -e "s|/tmp/bench-cluster-proxy|$work/b|" -e "s/^\[server\]/[server]\n${SERVER_TOML_B:-}/" -e "${SED_B:-}" \
+    benches/conf/proxy.toml >"$work/b.toml"
 RUST_LOG=warn PROXY_LISTEN=127.0.0.1:18610 PROXY_STATUS_LISTEN=127.0.0.1:18611 \
     PROXY_BACKENDS=$(IFS=,; echo "${backends[*]}") "$bin_b" --config "$work/b.toml" >"$work/b.log" 2>&1 &
 proxy_b=$!

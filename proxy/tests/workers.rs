@@ -447,3 +447,43 @@ async fn with_relays_0_each_worker_relays_its_own_websockets() {
     assert!(own.iter().all(|t| total(t, "proxy_websocket_handoffs_total") == 0));
     assert_eq!(stub(&proxy).await[0], 24);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_keeps_its_websockets_while_the_relay_worker_has_no_descriptors_to_spare() {
+    let backends = vec![Backend::start("ws")];
+    let proxy = Proxy::start(&addrs(&backends), two_workers()).await;
+    all_serving(&proxy, 2).await;
+    let workers = children_of(proxy.pid());
+    let (relay, other): (Vec<u32>, Vec<u32>) = workers.iter().partition(|&&p| threads_of(p).contains(&"relay".into()));
+    assert_eq!((relay.len(), other.len()), (1, 1), "workers {workers:?}");
+    // A worker reads its open-files limit at its first tunnel and takes it
+    // for the relay's: 1,030 leaves room for 3 tunnels beyond the 1,024
+    // kept in reserve. Worker 1's own descriptors are far below that.
+    let (mut soft, mut hard) = (0, 0);
+    rlimit::prlimit(other[0] as i32, rlimit::Resource::NOFILE, None, Some((&mut soft, &mut hard))).unwrap();
+    assert!(soft > 1030 && hard >= 1030, "limits {soft}/{hard}");
+    rlimit::prlimit(other[0] as i32, rlimit::Resource::NOFILE, Some((1030, hard)), None).unwrap();
+
+    let accepted = "proxy_connections_accepted_total";
+    let accepted_before = total(&own_metrics(&proxy, 1).await, accepted);
+    let mut sockets = open_websockets(&proxy, 0..24).await;
+    let own1 = own_metrics(&proxy, 1).await;
+    let accepted1 = total(&own1, accepted) - accepted_before;
+    assert!((4..24).contains(&accepted1), "worker 1 accepted {accepted1} of 24: too few to fill the relay");
+    let count = |outcome: &str| total(&own1, &format!("proxy_websocket_handoffs_total{{outcome=\"{outcome}\"}}"));
+    let (handed, kept) = (count("handed_over"), count("kept"));
+    assert_eq!(handed + kept, accepted1, "{own1}");
+    // Once the relay holds 3 open connections (its own clients' or handed
+    // over), worker 1 relays the rest itself, on a relay thread of its own.
+    assert!(kept > 0 && handed <= 3, "handed over {handed}, kept {kept}\n{own1}");
+    assert!(threads_of(other[0]).contains(&"relay".into()), "{:?}", threads_of(other[0]));
+    wait_own(&proxy, 1, "proxy_websockets_active", kept).await;
+    wait_own(&proxy, 0, "proxy_websockets_active", 24 - kept).await;
+    assert_eq!(stub(&proxy).await[0], 24, "stub_status counts each once");
+    echo_on_each(&mut sockets, "kept").await;
+    for mut ws in sockets {
+        ws.close(None).await.unwrap();
+    }
+    wait_own(&proxy, 1, "proxy_websockets_active", 0).await;
+    wait_own(&proxy, 0, "proxy_websockets_active", 0).await;
+}
