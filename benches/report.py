@@ -10,6 +10,7 @@ import csv
 import glob
 import json
 import os
+import re
 import sys
 
 
@@ -86,16 +87,27 @@ def stream_runs(raw, prefix):
     for path in glob.glob(os.path.join(raw, f"{prefix}-*.json")):
         j = load_json(path)
         if j:
+            r = re.search(r"-r(\d+)\.json$", path)
+            j["round"] = int(r.group(1)) if r else 1
             groups.setdefault((j.get("front", "?"), j["sessions"]), []).append(j)
     runs = {}
     for key, js in groups.items():
         js.sort(key=lambda j: j["publish_to_client"]["p99_ms"])
         m = dict(js[len(js) // 2])
         m["rounds"] = len(js)
+        m["p99_by_round"] = {j["round"]: j["publish_to_client"]["p99_ms"] for j in js}
         for k in ("lost_chunks", "duplicate_chunks", "complete", "chats"):
             m[k + "_all"] = sum(j.get(k, 0) for j in js)
         runs[key] = m
     return runs
+
+
+def lower_rounds(ours, theirs):
+    """'K of N paired rounds': the rounds (same number, run back to back)
+    where our p99 was below nginx's."""
+    a, b = ours["p99_by_round"], theirs["p99_by_round"]
+    paired = sorted(set(a) & set(b))
+    return f"{sum(a[r] < b[r] for r in paired)} of {len(paired)} paired rounds"
 
 
 def ordered(runs):
@@ -266,14 +278,14 @@ def main():
             goals.append(f"| {n:,} streams: 0 lost, 0 duplicated, p99 publish→client ≤ nginx's | lost "
                          f"{ours['lost_chunks_all']}, dup. {ours['duplicate_chunks_all']}, complete "
                          f"{ours['complete_all']}/{ours['chats_all']} over {ours['rounds']} rounds, median-round "
-                         f"p99 {p:.2f} ms (nginx {q:.2f}) | {verdict(ok)} |")
+                         f"p99 {p:.2f} ms (nginx {q:.2f}), ours lower in {lower_rounds(ours, theirs)} | {verdict(ok)} |")
     s1000, t1000 = steady_runs.get(("proxy", 1000)), steady_runs.get(("nginx", 1000))
     if s1000 and t1000:
         p, q = s1000["publish_to_client"]["p99_ms"], t1000["publish_to_client"]["p99_ms"]
         ok = s1000["lost_chunks_all"] == 0 and s1000["complete_all"] == s1000["chats_all"] and p <= q
         goals.append(f"| the same, starts spread over {s1000.get('start_spread_ms', 0)} ms | lost {s1000['lost_chunks_all']}, "
                      f"complete {s1000['complete_all']}/{s1000['chats_all']} over {s1000['rounds']} rounds, "
-                     f"median-round p99 {p:.2f} ms (nginx {q:.2f}) | {verdict(ok)} |")
+                     f"median-round p99 {p:.2f} ms (nginx {q:.2f}), ours lower in {lower_rounds(s1000, t1000)} | {verdict(ok)} |")
     if "proxy" in idle_runs:
         j = idle_runs["proxy"]
         goals.append(f"| 10,000 idle WebSockets held | {j['held']:,} of {j['requested']:,} | "

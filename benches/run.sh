@@ -21,6 +21,10 @@
 #                       lost and duplicated chunks over all rounds (9, not 5:
 #                       at 100 streams one front's p99 moves 1.3-2.3 ms from
 #                       round to round, more than the fronts differ)
+#   WS_SMALL_ROUNDS [25] rounds of the stream cells under 1,000 sessions
+#                       (their p99 is the tail of a few 100-chunk bursts; in
+#                       9 rounds one build's two copies differed by 0.14 ms,
+#                       as much as ours and nginx; a round there is short)
 #   WS_STEADY_SESSIONS  the same with starts spread over one chunk interval [1000]
 #   IDLE_COUNT [10000]  idle WebSockets to open
 #   BUS [embedded]      embedded | redis (the cluster's event bus)
@@ -49,6 +53,7 @@ if [[ $FULL == 1 ]]; then
     HTTP_SECS=${HTTP_SECS:-5}
     HTTP_ROUNDS=${HTTP_ROUNDS:-5}
     WS_ROUNDS=${WS_ROUNDS:-9}
+    WS_SMALL_ROUNDS=${WS_SMALL_ROUNDS:-25}
     WS_SESSIONS=${WS_SESSIONS:-100 1000 3000}
     WS_STEADY_SESSIONS=${WS_STEADY_SESSIONS:-1000}
     IDLE_COUNT=${IDLE_COUNT:-10000}
@@ -57,6 +62,7 @@ else
     HTTP_SECS=${HTTP_SECS:-2}
     HTTP_ROUNDS=${HTTP_ROUNDS:-1}
     WS_ROUNDS=${WS_ROUNDS:-1}
+    WS_SMALL_ROUNDS=${WS_SMALL_ROUNDS:-1}
     WS_SESSIONS=${WS_SESSIONS:-100}
     WS_STEADY_SESSIONS=${WS_STEADY_SESSIONS:-100}
     IDLE_COUNT=${IDLE_COUNT:-1000}
@@ -303,7 +309,9 @@ stream_cells() {
     rm -f "$RAW/$prefix"-*.json
     for n in "$@"; do
       # Rounds alternate who goes first; the report takes the median round.
-      for round in $(seq "$WS_ROUNDS"); do
+      local rounds=$WS_ROUNDS
+      ((n < 1000)) && rounds=$WS_SMALL_ROUNDS
+      for round in $(seq "$rounds"); do
         local order=(proxy nginx)
         ((round % 2 == 0)) && order=(nginx proxy)
         for target in "${order[@]}"; do
