@@ -16,15 +16,15 @@
 #                       alternating; the report takes each figure's median
 #                       (direct, the ceiling, runs once)
 #   WS_SESSIONS         concurrent streams per WebSocket cell [100 1000 3000]
-#   WS_ROUNDS [9]       rounds of every stream cell, fronts alternating; the
-#                       report shows the round with the median p99 and counts
-#                       lost and duplicated chunks over all rounds (9, not 5:
-#                       at 100 streams one front's p99 moves 1.3-2.3 ms from
-#                       round to round, more than the fronts differ)
-#   WS_SMALL_ROUNDS [25] rounds of the stream cells under 1,000 sessions
-#                       (their p99 is the tail of a few 100-chunk bursts; in
+#   WS_ROUNDS [9]       rounds of the stream cells of 1,000 sessions or more,
+#                       fronts alternating; the report shows the round with
+#                       the median p99 and counts lost and duplicated chunks
+#                       over all rounds
+#   WS_SMALL_ROUNDS [25] rounds of the stream cells under 1,000 sessions:
+#                       their p99 is the tail of a few 100-chunk bursts (one
+#                       front's moved 1.0-2.9 ms from round to round, and in
 #                       9 rounds one build's two copies differed by 0.14 ms,
-#                       as much as ours and nginx; a round there is short)
+#                       as much as ours and nginx); a round there is short
 #   WS_STEADY_SESSIONS  the same with starts spread over one chunk interval [1000]
 #   IDLE_COUNT [10000]  idle WebSockets to open
 #   BUS [embedded]      embedded | redis (the cluster's event bus)
