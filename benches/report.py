@@ -347,9 +347,9 @@ def main():
         "Sockets opened from 100 loopback source addresses, held 5 s; memory is the growth of resident memory "
         "(VmRSS) divided by sockets held. *backends+AI* is the cluster process (3 backends and 3 AI nodes); "
         "trust its figure from the first run only (ours): the second run reuses memory the allocator kept from "
-        "the first. The process limit on open files here is 20,000 (hard, not raisable in this container), and "
-        "our proxy is one process holding two descriptors per WebSocket (client and backend), so it cannot "
-        "hold more than about 9,990; nginx spreads them over its worker processes, each with its own limit.",
+        "the first. A proxied WebSocket takes two descriptors (client and backend) in the process that relays "
+        "it: our relay worker takes tunnels up to its open-files limit less a reserve of 1,024 descriptors, "
+        "and past that a worker relays its own (`websocket.relays`); each nginx worker relays its own.",
         "",
         *idle,
         "",
