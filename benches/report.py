@@ -72,8 +72,7 @@ def http_tables(rows):
             for key, k, bound, better in (("rps_ka" if ka else "rps_new", "rps", 1.0 if ka else 0.9, "higher"),
                                           ("cpu_ka" if ka else "cpu_new", "cpu_s_per_100k", 1.0 if ka else 1.2, "lower"),
                                           ("p99", "p99_ms", 1.2, "lower")):
-                mine, theirs = f(o, k), f(n, k) * bound
-                ok = mine >= theirs if better == "higher" else mine <= theirs
+                ok = within(f(o, k), f(n, k), bound, better)
                 targets[key].append((ok, f"{name}: {ratio(f(o, k), f(n, k))}, "
                                          f"{rounds_within(rows, (mode, payload, c), k, bound, better)}"))
             lat = lambda r: f"{f(r, 'p50_ms'):.2f} / {f(r, 'p99_ms'):.2f} / {f(r, 'p999_ms'):.2f}"
@@ -106,6 +105,11 @@ def stream_runs(raw, prefix):
     return runs
 
 
+def within(ours, nginx, bound, better):
+    """Whether our figure meets `bound` × nginx's, `better` being "higher" or "lower"."""
+    return ours >= nginx * bound if better == "higher" else ours <= nginx * bound
+
+
 def rounds_within(rows, cell, key, bound, better):
     """'ours within it in K of N paired rounds': the HTTP rounds (same number, run back to
     back) where ours met the bound against nginx's figure of that round."""
@@ -113,8 +117,8 @@ def rounds_within(rows, cell, key, bound, better):
     for r in rows:
         if (r["mode"], r["payload"], int(r["concurrency"])) == cell and r["target"] in ("proxy", "nginx"):
             per.setdefault(r["round"], {})[r["target"]] = float(r[key])
-    pairs = [(v["proxy"], v["nginx"] * bound) for v in per.values() if len(v) == 2]
-    met = sum(a >= b if better == "higher" else a <= b for a, b in pairs)
+    pairs = [v for v in per.values() if len(v) == 2]
+    met = sum(within(v["proxy"], v["nginx"], bound, better) for v in pairs)
     return f"ours within it in {met} of {len(pairs)} paired rounds"
 
 
