@@ -15,6 +15,11 @@
 #   HTTP_ROUNDS [5]     rounds of every HTTP cell for our proxy and nginx,
 #                       alternating; the report takes each figure's median
 #                       (direct, the ceiling, runs once)
+#   HTTP_C1_ROUNDS [11] rounds of the cells at 1 connection: their p99 is
+#                       the noisiest figure of the run (the log of one round's
+#                       ours/nginx p99 had a standard deviation of 0.31-0.85
+#                       from round to round in runs 16 and 17, the other
+#                       cells 0.07-0.37), so 5 rounds' medians drew a miss
 #   WS_SESSIONS         concurrent streams per WebSocket cell [100 1000 3000]
 #   WS_ROUNDS [9]       rounds of the stream cells of 1,000 sessions or more,
 #                       fronts alternating; the report shows the round with
@@ -26,6 +31,8 @@
 #                       9 rounds one build's two copies differed by 0.14 ms,
 #                       as much as ours and nginx); a round there is short
 #   WS_STEADY_SESSIONS  the same with starts spread over one chunk interval [1000]
+#   WS_STEADY_ROUNDS [15] rounds of that cell (its p99 moved 2x from round
+#                       to round for either front)
 #   IDLE_COUNT [10000]  idle WebSockets to open
 #   BUS [embedded]      embedded | redis (the cluster's event bus)
 #   PIN [0]             1 = proxy/nginx on CPU 1, load generator and backends on CPU 0
@@ -52,7 +59,9 @@ if [[ $FULL == 1 ]]; then
     CONCURRENCIES=${CONCURRENCIES:-1 16 64 256}
     HTTP_SECS=${HTTP_SECS:-5}
     HTTP_ROUNDS=${HTTP_ROUNDS:-5}
+    HTTP_C1_ROUNDS=${HTTP_C1_ROUNDS:-11}
     WS_ROUNDS=${WS_ROUNDS:-9}
+    WS_STEADY_ROUNDS=${WS_STEADY_ROUNDS:-15}
     WS_SMALL_ROUNDS=${WS_SMALL_ROUNDS:-25}
     WS_SESSIONS=${WS_SESSIONS:-100 1000 3000}
     WS_STEADY_SESSIONS=${WS_STEADY_SESSIONS:-1000}
@@ -61,7 +70,9 @@ else
     CONCURRENCIES=${CONCURRENCIES:-1 64}
     HTTP_SECS=${HTTP_SECS:-2}
     HTTP_ROUNDS=${HTTP_ROUNDS:-1}
+    HTTP_C1_ROUNDS=${HTTP_C1_ROUNDS:-1}
     WS_ROUNDS=${WS_ROUNDS:-1}
+    WS_STEADY_ROUNDS=${WS_STEADY_ROUNDS:-1}
     WS_SMALL_ROUNDS=${WS_SMALL_ROUNDS:-1}
     WS_SESSIONS=${WS_SESSIONS:-100}
     WS_STEADY_SESSIONS=${WS_STEADY_SESSIONS:-100}
@@ -202,12 +213,15 @@ http_part() {
     local nginx_all; nginx_all=$(tree_pids "$nginx")
     local csv=$RAW/http.csv
     echo "mode,payload,concurrency,target,rps,p50_ms,p90_ms,p99_ms,p999_ms,errors,requests,cpu_s,cpu_s_per_100k,round" >"$csv"
-    local rot=0 round
-    for round in $(seq "$HTTP_ROUNDS"); do
-        [[ $HTTP_ROUNDS -gt 1 ]] && log "HTTP round $round of $HTTP_ROUNDS"
+    local rot=0 round rounds=$HTTP_ROUNDS
+    ((HTTP_C1_ROUNDS > rounds)) && rounds=$HTTP_C1_ROUNDS
+    for round in $(seq "$rounds"); do
+        [[ $rounds -gt 1 ]] && log "HTTP round $round of $rounds"
         for mode in keepalive close; do
             for payload in get post4k; do
                 for c in $CONCURRENCIES; do
+                    # Rounds past HTTP_ROUNDS are the 1-connection cells' extra ones.
+                    if ((c == 1 ? round > HTTP_C1_ROUNDS : round > HTTP_ROUNDS)); then continue; fi
                     # Rotate who goes first so drift in the machine's load is shared.
                     local order=(proxy nginx)
                     [[ $round == 1 ]] && order+=(direct)
@@ -366,7 +380,7 @@ ws_part() {
 steady_part() {
     log "WebSocket streams, starts spread over 50 ms: sessions ${WS_STEADY_SESSIONS}"
     # shellcheck disable=SC2086
-    stream_cells steady 50 $WS_STEADY_SESSIONS
+    WS_ROUNDS=$WS_STEADY_ROUNDS WS_SMALL_ROUNDS=$WS_STEADY_ROUNDS stream_cells steady 50 $WS_STEADY_SESSIONS
 }
 
 idle_part() {
