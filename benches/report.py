@@ -52,12 +52,11 @@ def round_counts(rows):
         if r["target"] != "direct":
             c = int(r["concurrency"])
             by_c[c] = max(by_c.get(c, 0), int(r.get("round") or 1))
-    most = max(by_c.values())
-    one = by_c.get(1)
-    others = [n for c, n in by_c.items() if c != 1]
-    if one is None or not others or one == max(others):
-        return f"{most} rounds"
-    return f"{max(others)} rounds (the cells at 1 connection {one})"
+    one = by_c.pop(1, None)
+    rest = max(by_c.values(), default=None)
+    if one is None or rest is None or one == rest:
+        return f"{one or rest} rounds"
+    return f"{rest} rounds (the cells at 1 connection {one})"
 
 
 def http_tables(rows):

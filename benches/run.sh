@@ -31,8 +31,8 @@
 #                       9 rounds one build's two copies differed by 0.14 ms,
 #                       as much as ours and nginx); a round there is short
 #   WS_STEADY_SESSIONS  the same with starts spread over one chunk interval [1000]
-#   WS_STEADY_ROUNDS [15] rounds of that cell (its p99 moved 2x from round
-#                       to round for either front)
+#   WS_STEADY_ROUNDS [15] rounds of that cell (its p99 moved 2-5x from its
+#                       best round to its worst for either front in runs 18-19)
 #   IDLE_COUNT [10000]  idle WebSockets to open
 #   BUS [embedded]      embedded | redis (the cluster's event bus)
 #   PIN [0]             1 = proxy/nginx on CPU 1, load generator and backends on CPU 0
