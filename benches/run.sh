@@ -140,6 +140,10 @@ cpu_ticks() { # cpu_ticks PID...: utime+stime summed, in clock ticks
     echo "$total"
 }
 CLK_TCK=$(getconf CLK_TCK)
+# steal_ticks: time the hypervisor ran something else while this machine's
+# CPUs had work (/proc/stat's steal, all CPUs), in clock ticks. Recorded per
+# cell: a round whose vCPU was taken away measures the host, not the front.
+steal_ticks() { awk '$1 == "cpu" {print $9; exit}' /proc/stat; }
 
 tree_pids() { # a master (nginx, or our proxy's supervisor) and its workers
     echo "$1" $(pgrep -P "$1" || true)
@@ -212,7 +216,7 @@ http_part() {
     sleep 0.5
     local nginx_all; nginx_all=$(tree_pids "$nginx")
     local csv=$RAW/http.csv
-    echo "mode,payload,concurrency,target,rps,p50_ms,p90_ms,p99_ms,p999_ms,errors,requests,cpu_s,cpu_s_per_100k,round" >"$csv"
+    echo "mode,payload,concurrency,target,rps,p50_ms,p90_ms,p99_ms,p999_ms,errors,requests,cpu_s,cpu_s_per_100k,round,steal_s" >"$csv"
     local rot=0 round rounds=$HTTP_ROUNDS
     ((HTTP_C1_ROUNDS > rounds)) && rounds=$HTTP_C1_ROUNDS
     for round in $(seq "$rounds"); do
@@ -251,24 +255,25 @@ http_cell() { # mode payload concurrency target proxy_pid tree_pids round
     local threads=$((c < 2 ? 1 : 2))
     local url=http://127.0.0.1:$port$path
     WRK_BODY_BYTES=$body on_cpu 0 wrk -t1 -c"$c" -d1s -s benches/wrk/report.lua "${extra[@]}" "$url" >/dev/null 2>&1 || true
-    local before after
+    local before after steal0 steal1
     # shellcheck disable=SC2086
-    before=$(cpu_ticks $pids)
+    before=$(cpu_ticks $pids); steal0=$(steal_ticks)
     local outf=$RAW/wrk-$mode-$payload-c$c-$target-r$round.txt
     WRK_BODY_BYTES=$body on_cpu 0 timeout $((HTTP_SECS + 30)) wrk -t"$threads" -c"$c" -d"${HTTP_SECS}s" \
         --timeout 10s -s benches/wrk/report.lua "${extra[@]}" "$url" >"$outf" 2>&1 || true
     # shellcheck disable=SC2086
-    after=$(cpu_ticks $pids)
+    after=$(cpu_ticks $pids); steal1=$(steal_ticks)
     local json; json=$(grep '^WRK_JSON ' "$outf" | sed 's/^WRK_JSON //' || true)
     if [[ -z $json ]]; then
         log "  $mode $payload c=$c $target: wrk gave no result (see $outf)"
-        echo "$mode,$payload,$c,$target,0,0,0,0,0,0,0,0,0,$round"
+        echo "$mode,$payload,$c,$target,0,0,0,0,0,0,0,0,0,$round,0"
         return
     fi
-    python3 - "$json" "$mode" "$payload" "$c" "$target" $((after - before)) "$CLK_TCK" "$HTTP_SECS" "$round" <<'PY'
+    python3 - "$json" "$mode" "$payload" "$c" "$target" $((after - before)) "$CLK_TCK" "$HTTP_SECS" "$round" $((steal1 - steal0)) <<'PY'
 import json, sys
 j = json.loads(sys.argv[1]); mode, payload, c, target = sys.argv[2:6]
 rnd = sys.argv[9]
+steal = int(sys.argv[10]) / int(sys.argv[7])
 ticks, hz = int(sys.argv[6]), int(sys.argv[7])
 secs = j["duration_us"] / 1e6
 reqs = j["requests"]
@@ -277,8 +282,8 @@ cpu = ticks / hz
 per100k = cpu / reqs * 1e5 if reqs and target != "direct" else 0
 l = j["latency_us"]
 ms = lambda k: l[k] / 1000
-print(f"{mode},{payload},{c},{target},{reqs/secs:.0f},{ms('p50'):.3f},{ms('p90'):.3f},{ms('p99'):.3f},{ms('p999'):.3f},{errors},{reqs},{cpu:.2f},{per100k:.3f},{rnd}")
-print(f"  {mode:9} {payload:6} c={c:<4} {target:6} {reqs/secs:9.0f} req/s  p99 {ms('p99'):7.2f} ms  cpu/100k {per100k:6.2f} s  errors {errors}", file=sys.stderr)
+print(f"{mode},{payload},{c},{target},{reqs/secs:.0f},{ms('p50'):.3f},{ms('p90'):.3f},{ms('p99'):.3f},{ms('p999'):.3f},{errors},{reqs},{cpu:.2f},{per100k:.3f},{rnd},{steal:.2f}")
+print(f"  {mode:9} {payload:6} c={c:<4} {target:6} {reqs/secs:9.0f} req/s  p99 {ms('p99'):7.2f} ms  cpu/100k {per100k:6.2f} s  errors {errors}  steal {steal:.2f} s", file=sys.stderr)
 PY
 }
 
@@ -333,14 +338,15 @@ stream_cells() {
             [[ $target == nginx ]] && { port=18280; pids=$(tree_pids "$NGINX_WS"); }
             local before after out=$RAW/$prefix-$target-$n-r$round.json err=$WORK/$prefix-$target-$n.err
             # shellcheck disable=SC2086
-            before=$(cpu_ticks $pids)
+            before=$(cpu_ticks $pids); local steal0; steal0=$(steal_ticks)
             ws_load "$port" "$n" "$chats" "$spread" "$out" 2>"$err" || log "  loadgen ws failed: $(tail -3 "$err")"
             # shellcheck disable=SC2086
             after=$(cpu_ticks $pids)
-            python3 - "$out" $((after - before)) "$CLK_TCK" "$target" <<'PY' || true
+            python3 - "$out" $((after - before)) "$CLK_TCK" "$target" $(($(steal_ticks) - steal0)) <<'PY' || true
 import json, sys
 path, ticks, hz, target = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 j = json.load(open(path)); j["front_cpu_s"] = ticks / hz; j["front"] = target
+j["steal_s"] = int(sys.argv[5]) / hz
 json.dump(j, open(path, "w"), indent=1)
 p = j["publish_to_client"]; f = j["first_chunk"]
 print(f"  {target:6} N={j['sessions']:<5} spread {j['start_spread_ms']} ms  complete {j['complete']}/{j['chats']} "
