@@ -59,6 +59,23 @@ def round_counts(rows):
     return f"{rest} rounds (the cells at 1 connection {one})"
 
 
+def steal_summary(rows):
+    """How much CPU time the hypervisor took during the HTTP rounds, per front
+    (raw/http.csv's steal_s; runs before it was recorded have none)."""
+    if not rows or "steal_s" not in rows[0]:
+        return ""
+    parts = []
+    for target, name in (("proxy", "ours"), ("nginx", "nginx's")):
+        steal = sorted(((float(r["steal_s"]), r) for r in rows if r["target"] == target), key=lambda x: x[0])
+        if not steal:
+            continue
+        most, r = steal[-1]
+        parts.append(f"{name} {sum(x for x, _ in steal):.2f} s in all, at most {most:.2f} s in one round "
+                     f"({r['mode']} {r['payload']} c={r['concurrency']} round {r['round']}, p99 {float(r['p99_ms']):.2f} ms)")
+    return ("The hypervisor took CPU time from the machine (`/proc/stat` steal, `steal_s` in `raw/http.csv`) "
+            "during the rounds: " + "; ".join(parts) + ".")
+
+
 def http_tables(rows):
     """One table per (mode, payload): each concurrency with proxy, nginx, direct and ratios."""
     # Issue 10's targets: keep-alive req/s >= nginx and CPU/request <= nginx;
@@ -362,7 +379,10 @@ def main():
         "CPU is user+system time of the front process(es) from `/proc/PID/stat`. "
         + (f"Each cell ran {round_counts(rows)}, ours and nginx alternating "
            "(who goes first rotates); every figure below is the median of its rounds (raw rounds in `raw/http.csv`)."
-           if rows and max(int(r.get('round') or 1) for r in rows) > 1 else ""),
+           if rows and max(int(r.get('round') or 1) for r in rows) > 1 else "")
+        + " wrk corrects its latencies for coordinated omission (every latency of at least two mean request intervals "
+        "is recorded again at each interval below it), so one pause of a front worker of 100 ms in a 5 s round "
+        "takes that round's p99 from about 1 ms to tens of ms (`benches/pause.sh`). " + steal_summary(rows),
         *(["", "![HTTP](http.png)"] if "http.png" in images else []),
         *http,
         "",
