@@ -59,7 +59,7 @@ def round_counts(rows):
     return f"{rest} rounds (the cells at 1 connection {one})"
 
 
-def steal_summary(rows):
+def steal_summary(rows, raw):
     """How much CPU time the hypervisor took during the HTTP rounds, per front
     (raw/http.csv's steal_s; runs before it was recorded have none)."""
     if not rows or "steal_s" not in rows[0]:
@@ -72,8 +72,24 @@ def steal_summary(rows):
         most, r = steal[-1]
         parts.append(f"{name} {sum(x for x, _ in steal):.2f} s in all, at most {most:.2f} s in one round "
                      f"({r['mode']} {r['payload']} c={r['concurrency']} round {r['round']}, p99 {float(r['p99_ms']):.2f} ms)")
+    again = ""
+    path = os.path.join(raw, "stolen", "http.csv")
+    if os.path.exists(path):
+        with open(path) as f:
+            n = sum(1 for line in f if line.strip())
+        again = (f" {n} HTTP measurement{'s' if n != 1 else ''} that lost more to it than `STEAL_MAX` "
+                 f"{'were' if n != 1 else 'was'} taken again (set aside in `raw/stolen/`).")
     return ("The hypervisor took CPU time from the machine (`/proc/stat` steal, `steal_s` in `raw/http.csv`) "
-            "during the rounds: " + "; ".join(parts) + ".")
+            "during the rounds: " + "; ".join(parts) + "." + again)
+
+
+def stolen_rounds(raw):
+    """A sentence on the stream rounds measured again for steal, if any."""
+    n = len(glob.glob(os.path.join(raw, "stolen", "*.json")))
+    if not n:
+        return ""
+    return (f" {n} stream round{'s' if n != 1 else ''} that lost more than `STEAL_MAX` to the hypervisor "
+            f"{'were' if n != 1 else 'was'} run again (set aside in `raw/stolen/`).")
 
 
 def http_tables(rows):
@@ -382,7 +398,7 @@ def main():
            if rows and max(int(r.get('round') or 1) for r in rows) > 1 else "")
         + " wrk corrects its latencies for coordinated omission (every latency of at least two mean request intervals "
         "is recorded again at each interval below it), so one pause of a front worker of 100 ms in a 5 s round "
-        "takes that round's p99 from about 1 ms to tens of ms (`benches/pause.sh`). " + steal_summary(rows),
+        "takes that round's p99 from about 1 ms to tens of ms (`benches/pause.sh`). " + steal_summary(rows, raw),
         *(["", "![HTTP](http.png)"] if "http.png" in images else []),
         *http,
         "",
@@ -392,7 +408,7 @@ def main():
         "our proxy or nginx in front of the same backends. Each session's socket connects, all wait for each other, "
         "then each sends 3 chats in turn (40 chunks each at 20 chunks/s after 20 ms, so N streams run at once). "
         "Publish→client is the AI node's `ts_us` stamp to the client's receipt, same clock; the load generator "
-        "shares the machine.",
+        "shares the machine." + stolen_rounds(raw),
         *(["", "![WebSocket](ws.png)"] if "ws.png" in images else []),
         "",
         *ws,
