@@ -33,6 +33,13 @@
 #   WS_STEADY_SESSIONS  the same with starts spread over one chunk interval [1000]
 #   WS_STEADY_ROUNDS [15] rounds of that cell (its p99 moved 2-5x from its
 #                       best round to its worst for either front in runs 18-19)
+#   STEAL_MAX [0.1]     seconds: an HTTP cell or a stream round during which
+#                       the hypervisor took more CPU time than this from the
+#                       machine (/proc/stat steal) is measured again, up to
+#                       STEAL_TRIES [3] attempts in all (the last one counts
+#                       whatever it had); what was set aside goes to
+#                       OUT/raw/stolen/ (a single pause of 100 ms moves a
+#                       round's p99 by 10-30x: benches/pause.sh)
 #   IDLE_COUNT [10000]  idle WebSockets to open
 #   BUS [embedded]      embedded | redis (the cluster's event bus)
 #   PIN [0]             1 = proxy/nginx on CPU 1, load generator and backends on CPU 0
@@ -55,6 +62,8 @@ PARTS=${PARTS:-http ws steady idle micro}
 BUS=${BUS:-embedded}
 PIN=${PIN:-0}
 OUT=${OUT:-$ROOT/benches/results}
+STEAL_MAX=${STEAL_MAX:-0.1}
+STEAL_TRIES=${STEAL_TRIES:-3}
 if [[ $FULL == 1 ]]; then
     CONCURRENCIES=${CONCURRENCIES:-1 16 64 256}
     HTTP_SECS=${HTTP_SECS:-5}
@@ -83,6 +92,7 @@ WORK=$(mktemp -d /tmp/bench.XXXXXX)
 BIN=$ROOT/target/release
 STARTED=$(date +%s)
 mkdir -p "$RAW"
+rm -rf "$RAW/stolen"
 
 log() { printf '[%4ds] %s\n' $(($(date +%s) - STARTED)) "$*" >&2; }
 
@@ -144,6 +154,9 @@ CLK_TCK=$(getconf CLK_TCK)
 # CPUs had work (/proc/stat's steal, all CPUs), in clock ticks. Recorded per
 # cell: a round whose vCPU was taken away measures the host, not the front.
 steal_ticks() { awk '$1 == "cpu" {print $9; exit}' /proc/stat; }
+# stolen SECONDS TRY: whether a measurement that lost SECONDS to steal, as
+# attempt TRY, is set aside and taken again.
+stolen() { (($2 < STEAL_TRIES)) && awk -v s="$1" -v m="$STEAL_MAX" 'BEGIN {exit !(s > m)}'; }
 
 tree_pids() { # a master (nginx, or our proxy's supervisor) and its workers
     echo "$1" $(pgrep -P "$1" || true)
@@ -243,6 +256,21 @@ http_part() {
 }
 
 http_cell() { # mode payload concurrency target proxy_pid tree_pids round
+    local try line name=wrk-$1-$2-c$3-$4-r${7:-1}
+    for try in $(seq "$STEAL_TRIES"); do
+        line=$(http_attempt "$@")
+        if ! stolen "${line##*,}" "$try"; then
+            echo "$line"
+            return
+        fi
+        log "  steal ${line##*,} s (over $STEAL_MAX s): measured again"
+        mkdir -p "$RAW/stolen"
+        echo "$line" >>"$RAW/stolen/http.csv"
+        mv "$RAW/$name.txt" "$RAW/stolen/$name-try$try.txt"
+    done
+}
+
+http_attempt() { # mode payload concurrency target proxy_pid tree_pids round
     local mode=$1 payload=$2 c=$3 target=$4 proxy=$5 nginx_all=$6 round=${7:-1}
     local port pids path=/ body=0 extra=()
     case $target in
@@ -337,16 +365,25 @@ stream_cells() {
             local port=18180 pids; pids=$(tree_pids "$CLUSTER_PROXY")
             [[ $target == nginx ]] && { port=18280; pids=$(tree_pids "$NGINX_WS"); }
             local before after out=$RAW/$prefix-$target-$n-r$round.json err=$WORK/$prefix-$target-$n.err
-            # shellcheck disable=SC2086
-            before=$(cpu_ticks $pids); local steal0; steal0=$(steal_ticks)
-            ws_load "$port" "$n" "$chats" "$spread" "$out" 2>"$err" || log "  loadgen ws failed: $(tail -3 "$err")"
-            # shellcheck disable=SC2086
-            after=$(cpu_ticks $pids)
-            python3 - "$out" $((after - before)) "$CLK_TCK" "$target" $(($(steal_ticks) - steal0)) <<'PY' || true
+            local steal0 steal try
+            for try in $(seq "$STEAL_TRIES"); do
+                # shellcheck disable=SC2086
+                before=$(cpu_ticks $pids); steal0=$(steal_ticks)
+                ws_load "$port" "$n" "$chats" "$spread" "$out" 2>"$err" || log "  loadgen ws failed: $(tail -3 "$err")"
+                # shellcheck disable=SC2086
+                after=$(cpu_ticks $pids)
+                steal=$(awk -v t=$(($(steal_ticks) - steal0)) -v hz="$CLK_TCK" 'BEGIN {printf "%.2f", t / hz}')
+                stolen "$steal" "$try" || break
+                log "  $target N=$n round $round: steal $steal s (over $STEAL_MAX s): measured again"
+                mkdir -p "$RAW/stolen"
+                mv "$out" "$RAW/stolen/$prefix-$target-$n-r$round-try$try.json" 2>/dev/null || true
+                sleep 1
+            done
+            python3 - "$out" $((after - before)) "$CLK_TCK" "$target" "$steal" <<'PY' || true
 import json, sys
 path, ticks, hz, target = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 j = json.load(open(path)); j["front_cpu_s"] = ticks / hz; j["front"] = target
-j["steal_s"] = int(sys.argv[5]) / hz
+j["steal_s"] = float(sys.argv[5])
 json.dump(j, open(path, "w"), indent=1)
 p = j["publish_to_client"]; f = j["first_chunk"]
 print(f"  {target:6} N={j['sessions']:<5} spread {j['start_spread_ms']} ms  complete {j['complete']}/{j['chats']} "
