@@ -17,7 +17,9 @@
 # (one binary in two settings: SERVER_TOML_B='work_stealing = false');
 # SED_B is a sed script applied to B's config after that (other sections:
 # SED_B='s/^relays = 1/relays = 0/');
-# DIRECT=1 adds a round straight to one backend (no front; its CPU reads 0);
+# DIRECT=1 adds a round straight to one backend (no front; its CPU reads 0),
+# DIRECT=spread one straight to every backend, the sessions taking them in
+# turn (what a front that cost nothing would do);
 # PERF_STAT=EVENTS counts perf events on each front's processes during each
 # of its rounds (PERF_STAT='syscalls:sys_enter_*', or task-clock,context-switches)
 # and prints the counts after the medians.
@@ -25,7 +27,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-[[ $# -ge 2 ]] || { sed -n '2,22p' "$0"; exit 64; }
+[[ $# -ge 2 ]] || { sed -n '2,24p' "$0"; exit 64; }
 bin_a=$(realpath "$1") bin_b=$(realpath "$2")
 sessions=${3:-1000}
 rounds=${4:-5}
@@ -66,13 +68,17 @@ fi
 if [[ ${DIRECT:-0} == 1 ]]; then
     # Straight to one backend, no front: what the cluster alone adds.
     fronts+=(direct) ports+=("${backends[0]##*:}") masters+=("")
+elif [[ ${DIRECT:-0} == spread ]]; then
+    direct_ports=""; for b in "${backends[@]}"; do direct_ports+="${direct_ports:+,}${b##*:}"; done
+    fronts+=(direct) ports+=("$direct_ports") masters+=("")
 fi
-for port in "${ports[@]}"; do
+for port in ${ports[@]//,/ }; do
     for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$port/api/ai-health" && break; sleep 0.1; done
 done
 
-cpu_ticks() { # utime+stime of a master and its workers, in clock ticks
+cpu_ticks() { # utime+stime of a master and its workers, in clock ticks (0 for no master)
     local pid stat rest total=0
+    [[ -n $1 ]] || { echo 0; return; }
     for pid in "$1" $(pgrep -P "$1" || true); do
         stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
         rest=${stat##*) }
@@ -82,6 +88,7 @@ cpu_ticks() { # utime+stime of a master and its workers, in clock ticks
 }
 sched() { # run-queue wait (ns) and run periods of a master, its workers and their threads
     local pid wait=0 slices=0 a b c
+    [[ -n $1 ]] || { echo "0 0"; return; }
     for pid in "$1" $(pgrep -P "$1" || true); do
         for f in /proc/"$pid"/task/*/schedstat; do
             read -r a b c <"$f" 2>/dev/null || continue
@@ -90,8 +97,10 @@ sched() { # run-queue wait (ns) and run periods of a master, its workers and the
     done
     echo "$wait $slices"
 }
-load() { # load PORT SESSIONS CHATS SPREAD OUT
-    timeout 300 target/release/loadgen ws --url "ws://127.0.0.1:$1/ws/chat" --sessions "$2" \
+load() { # load PORT[,PORT...] SESSIONS CHATS SPREAD OUT
+    local url="" port
+    for port in ${1//,/ }; do url+="${url:+,}ws://127.0.0.1:$port/ws/chat"; done
+    timeout 300 target/release/loadgen ws --url "$url" --sessions "$2" \
         --chats-per-session "$3" --concurrency 128 --source-ips 64 --chat-timeout 60 --spread-ms "$4" \
         --out "$5" >/dev/null 2>"$work/load.err"
 }
@@ -124,9 +133,10 @@ for round in $(seq "$rounds"); do
     done
 done
 python3 - "$work" "$rounds" "$(getconf CLK_TCK)" "${fronts[@]}" <<'PY'
-import json, statistics, sys
+import json, math, statistics, sys
 work, rounds, hz, fronts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 rows = {f: [] for f in fronts}
+by_round = {f: {} for f in fronts}  # round -> p99, to pair the fronts
 for r in range(1, rounds + 1):
     line = [f"round {r}:"]
     for f in fronts:
@@ -141,6 +151,7 @@ for r in range(1, rounds + 1):
         p = j["publish_to_client"]["p99_ms"]
         wait_ns, slices = map(int, open(f"{work}/{f}-{r}.sched").read().split())
         wait_us = wait_ns / 1000 / max(slices, 1)
+        by_round[f][r] = p
         rows[f].append((p, cpu, j["lost_chunks"], cluster, load, wait_us, slices))
         line.append(f"{f} p99 {p:6.2f} ms cpu {cpu:4.2f}/{cluster:4.2f}/{load:4.2f} s wait {wait_us:5.1f} us x {slices} lost {j['lost_chunks']}")
     print("  ".join(line))
@@ -149,6 +160,17 @@ for f in fronts:
         m = lambda k: statistics.median(r[k] for r in rows[f])
         print(f"{f:6} median p99 {m(0):6.2f} ms  median CPU s: front {m(1):5.2f}, cluster {m(3):5.2f}, "
               f"loadgen {m(4):5.2f}  run-queue wait {m(5):5.1f} us x {m(6):.0f}  lost {sum(r[2] for r in rows[f])}")
+# Each front against nginx round by round: how often lower, and the geometric
+# mean of the paired ratios with its 95% interval (t, n-1 degrees of freedom).
+T95 = {4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 14: 2.14, 19: 2.09, 24: 2.06}
+for f in fronts:
+    pairs = [(by_round[f][r], by_round["nginx"][r]) for r in by_round[f] if r in by_round.get("nginx", {})]
+    if f == "nginx" or len(pairs) < 5:
+        continue
+    logs = [math.log(a / b) for a, b in pairs]
+    mean, half = statistics.mean(logs), T95.get(len(pairs) - 1, 2.0) * statistics.stdev(logs) / math.sqrt(len(pairs))
+    print(f"{f:6} against nginx: lower in {sum(a < b for a, b in pairs)} of {len(pairs)} paired rounds, "
+          f"p99 ratio (geometric mean) {math.exp(mean):.2f}, 95% interval {math.exp(mean - half):.2f}-{math.exp(mean + half):.2f}")
 PY
 if [[ -n ${PERF_STAT:-} ]]; then
     for f in "$work"/*.perf; do

@@ -27,7 +27,7 @@ enum Command {
     },
     /// Chat streams over WebSockets: completeness and latency.
     Ws {
-        /// ws://host:port/ws/chat
+        /// ws://host:port/ws/chat (several, comma-separated: sessions take them in turn)
         #[arg(long)]
         url: String,
         #[arg(long, default_value_t = 100)]

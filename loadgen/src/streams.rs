@@ -26,7 +26,10 @@ use crate::net::{connect, source_ip, target_addr};
 /// What one run does.
 #[derive(Debug, Clone)]
 pub struct StreamsConfig {
-    /// `ws://host:port/ws/chat` (the session id is appended).
+    /// `ws://host:port/ws/chat` (the session id is appended); several,
+    /// separated by commas, take the sessions in turn (session `i` the
+    /// `i % n`th): straight to each backend, as a front that costs nothing
+    /// would spread them.
     pub url: String,
     /// Sockets, one session each.
     pub sessions: usize,
@@ -127,7 +130,11 @@ fn record(h: &Mutex<Histogram<u64>>, us: u64) {
 
 /// Runs the streams and reports what the clients saw.
 pub async fn run(config: StreamsConfig) -> anyhow::Result<StreamsReport> {
-    let addr = target_addr(&config.url).await?;
+    let mut targets = Vec::new();
+    for url in config.url.split(',') {
+        targets.push((url.to_string(), target_addr(url).await?));
+    }
+    let targets = Arc::new(targets);
     let bar = if config.progress {
         let bar = ProgressBar::new((config.sessions * config.chats_per_session) as u64);
         bar.set_style(
@@ -152,7 +159,11 @@ pub async fn run(config: StreamsConfig) -> anyhow::Result<StreamsReport> {
     let mut tasks = Vec::with_capacity(config.sessions);
     for i in 0..config.sessions {
         let (shared, gate, barrier, config) = (shared.clone(), gate.clone(), barrier.clone(), config.clone());
-        tasks.push(tokio::spawn(async move { session(i, addr, &config, &shared, &gate, &barrier).await }));
+        let targets = targets.clone();
+        tasks.push(tokio::spawn(async move {
+            let (url, addr) = &targets[i % targets.len()];
+            session(i, url, *addr, &config, &shared, &gate, &barrier).await
+        }));
     }
     barrier.wait().await;
     let started = Instant::now();
@@ -189,13 +200,14 @@ pub async fn run(config: StreamsConfig) -> anyhow::Result<StreamsReport> {
 
 async fn session(
     i: usize,
+    url: &str,
     addr: std::net::SocketAddr,
     config: &StreamsConfig,
     shared: &Shared,
     gate: &Semaphore,
     barrier: &Barrier,
 ) {
-    let url = format!("{}?session_id=bench-{}-{i}", config.url, config.run_id);
+    let url = format!("{url}?session_id=bench-{}-{i}", config.run_id);
     let connected = {
         let _permit = gate.acquire().await;
         let t0 = Instant::now();
