@@ -28,23 +28,7 @@ work=$(mktemp -d /tmp/pause.XXXXXX)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; sleep 0.5; rm -rf "$work"' EXIT
 
-start_http_backends "$work" 18700
-sed "s|/tmp/bench-proxy|$work/proxy|" benches/proxy-bench.toml >"$work/proxy.toml"
-RUST_LOG=warn PROXY_LISTEN=127.0.0.1:18710 PROXY_STATUS_LISTEN=127.0.0.1:18720 \
-    PROXY_BACKENDS=$(IFS=,; echo "${backends[*]}") target/release/proxy --config "$work/proxy.toml" >"$work/proxy.log" 2>&1 &
-proxy=$!
-pids+=($proxy)
-mkdir -p "$work/nginx"
-servers=""; for s in "${backends[@]}"; do servers+="server $s; "; done
-sed -e "s|@WORKERS@|2|" -e "s|@LISTEN@|127.0.0.1:18711|" -e "s|@PREFIX@|$work/nginx|g" -e "s|@SERVERS@|$servers|" \
-    benches/nginx.conf.in >"$work/nginx/nginx.conf"
-nginx -c "$work/nginx/nginx.conf" -p "$work/nginx" >"$work/nginx/stdout.log" 2>&1 </dev/null &
-nginx=$!
-pids+=($nginx)
-for port in 18701 18702 18703 18710 18711; do
-    for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$port/health" && break; sleep 0.1; done
-done
-for port in 18710 18711; do wrk -t2 -c64 -d2s "http://127.0.0.1:$port/" >/dev/null; done
+start_fronts "$work" target/release/proxy
 
 steal() { awk '$1 == "cpu" {print $9; exit}' /proc/stat; }
 hz=$(getconf CLK_TCK)
