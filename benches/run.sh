@@ -2,7 +2,7 @@
 # Benchmarks: our proxy against nginx (HTTP), WebSocket streaming at scale,
 # idle WebSocket capacity, and criterion microbenchmarks of the hot paths.
 #
-# Usage:  benches/run.sh                 full run (49-55 minutes after the build, more when steal is measured again)
+# Usage:  benches/run.sh                 full run (47-55 minutes after the build, more when steal is measured again)
 #         FULL=0 benches/run.sh          smoke run (about 3 minutes)
 #
 # Environment (defaults in brackets):

@@ -162,7 +162,9 @@ for f in fronts:
               f"loadgen {m(4):5.2f}  run-queue wait {m(5):5.1f} us x {m(6):.0f}  lost {sum(r[2] for r in rows[f])}")
 # Each front against nginx round by round: how often lower, and the geometric
 # mean of the paired ratios with its 95% interval (t, n-1 degrees of freedom).
-T95 = {4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 14: 2.14, 19: 2.09, 24: 2.06}
+T95 = dict(zip(range(4, 31), (2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+                              2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052,
+                              2.048, 2.045, 2.042)))  # more rounds: about 2
 for f in fronts:
     pairs = [(by_round[f][r], by_round["nginx"][r]) for r in by_round[f] if r in by_round.get("nginx", {})]
     if f == "nginx" or len(pairs) < 5:
